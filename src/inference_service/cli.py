@@ -1,0 +1,58 @@
+"""The ``inference-service`` command line: one subcommand per module under ``commands``.
+
+Subcommand modules are imported only when chosen, so ``--help`` stays fast and a missing optional
+dependency fails with a message naming the extra to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from inference_service.errors import ConfigError
+
+# name -> (module, one-line help). Each module has ``configure(parser)`` and ``run(args) -> int``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("inference_service.commands.serve", "run the service (Kafka in, Kafka out, HTTP)"),
+    "detect": ("inference_service.commands.detect", "detect on local images, folders or videos"),
+    "settings": ("inference_service.commands.settings_cmd", "print every setting and default"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inference-service",
+        description="YOLOv8 detections for a Kafka stream of video-frame tasks.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        module.configure(sp)
+        sp.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code: int = args._module.run(args)
+    except ConfigError as exc:
+        print(f"inference-service: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

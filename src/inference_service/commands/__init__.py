@@ -1,0 +1,1 @@
+"""Subcommands of the ``inference-service`` command line (see ``inference_service.cli``)."""

@@ -1,0 +1,168 @@
+"""Value types of the service (stdlib only): tasks, detections, results.
+
+Results follow SPEC.md's schema (``schemas/result.schema.json``); ``Result.to_dict`` is the only place
+that shapes the JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from inference_service.errors import ErrorCode
+
+SCHEMA_VERSION = 1
+"""``schema_version`` of every result this code writes."""
+
+JsonObject = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One frame to detect, parsed from an ``inference_tasks`` record."""
+
+    video_id: str
+    """The video the frame belongs to; also the Kafka key of task and result."""
+    frame_id: int
+    """The frame's number within its video (>= 0)."""
+    s3_key: str
+    """The frame's object key within ``bucket`` (never a URI here: URIs are split on parsing)."""
+    bucket: str
+    """The bucket holding the frame (the task's own or the configured default)."""
+    task_id: str
+    """The task's id; ``<video_id>:<frame_id>`` when the task gives none."""
+    meta: JsonObject | None = None
+    """Opaque object copied into the result unchanged."""
+
+
+@dataclass(frozen=True, slots=True)
+class BBox:
+    """A box in pixels of the original frame, ``x1 <= x2`` and ``y1 <= y2``."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """One detected object."""
+
+    class_id: int
+    class_name: str
+    confidence: float
+    bbox: BBox
+
+    def to_dict(self) -> JsonObject:
+        b = self.bbox
+        return {
+            "class_id": self.class_id,
+            "class_name": self.class_name,
+            "confidence": round(self.confidence, 5),
+            "bbox": {
+                "x1": round(b.x1, 2),
+                "y1": round(b.y1, 2),
+                "x2": round(b.x2, 2),
+                "y2": round(b.y2, 2),
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSize:
+    """Width and height of a decoded frame, in pixels."""
+
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a result and ``/v1/model`` say about the model."""
+
+    name: str
+    """The model file's name (e.g. ``best.pt``)."""
+    sha256: str
+    """sha256 of the model file the operator named."""
+    imgsz: tuple[int, int]
+    """The model's nominal input size (height, width)."""
+    conf: float
+    iou: float
+    runtime: str
+    """``<backend>/<precision>``, e.g. ``openvino/fp32``."""
+    classes: tuple[str, ...] = ()
+    """Class names by class id, from the model's own metadata."""
+
+    def to_dict(self) -> JsonObject:
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "imgsz": list(self.imgsz),
+            "conf": self.conf,
+            "iou": self.iou,
+            "runtime": self.runtime,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FrameDetections:
+    """What the detector returns for one frame."""
+
+    image: ImageSize
+    detections: tuple[Detection, ...]
+    """Highest confidence first."""
+    decode_ms: float
+    preprocess_ms: float
+    inference_ms: float
+    postprocess_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class ResultError:
+    """The ``error`` object of a failed result."""
+
+    code: ErrorCode
+    message: str
+
+
+@dataclass(slots=True)
+class Result:
+    """One result record for ``inference_results``."""
+
+    task_id: str
+    video_id: str
+    frame_id: int
+    bucket: str
+    s3_key: str
+    status: Literal["ok", "error"]
+    model: ModelInfo
+    meta: JsonObject | None = None
+    image: ImageSize | None = None
+    detections: tuple[Detection, ...] = ()
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    error: ResultError | None = None
+    extra: JsonObject = field(default_factory=dict)
+    """Additional top-level fields (e.g. ``source`` of the ``detect`` command)."""
+
+    def to_dict(self) -> JsonObject:
+        out: JsonObject = {
+            "schema_version": SCHEMA_VERSION,
+            "task_id": self.task_id,
+            "video_id": self.video_id,
+            "frame_id": self.frame_id,
+            "bucket": self.bucket,
+            "s3_key": self.s3_key,
+            "meta": self.meta,
+            "status": self.status,
+            "image": (
+                {"width": self.image.width, "height": self.image.height} if self.image else None
+            ),
+            "detections": [d.to_dict() for d in self.detections],
+            "model": self.model.to_dict(),
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+        }
+        if self.error is not None:
+            out["error"] = {"code": str(self.error.code), "message": self.error.message}
+        out.update(self.extra)
+        return out

@@ -1,0 +1,101 @@
+"""The error tree of the service.
+
+Every failure is an :class:`InferenceError`. Callers test the class flags, not lists of types::
+
+    InferenceError                 retriable  poison
+    ├── TaskError                      no       yes   the task or its frame is bad; never retried
+    │   ├── InvalidTaskError           (code: invalid_task)
+    │   ├── FrameNotFoundError         (code: frame_not_found)
+    │   ├── UndecodableFrameError      (code: undecodable_frame)
+    │   ├── FrameTooLargeError         (code: frame_too_large)
+    │   └── InferenceFailedError       (code: inference_failed)
+    ├── TransientError                 yes       no   the world is briefly unwell (S3 or Kafka down)
+    │   └── StoreUnavailableError
+    └── ConfigError                    no        no   start-up refuses a setting or a model
+        └── ModelError
+
+A poison error becomes an error result (``status: "error"``) plus a DLQ copy; a retriable one pauses
+consumption and is retried with backoff; a configuration error stops start-up with its message.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """The ``error.code`` values of a result (SPEC.md, Results)."""
+
+    INVALID_TASK = "invalid_task"
+    FRAME_NOT_FOUND = "frame_not_found"
+    UNDECODABLE_FRAME = "undecodable_frame"
+    FRAME_TOO_LARGE = "frame_too_large"
+    INFERENCE_FAILED = "inference_failed"
+
+
+class InferenceError(Exception):
+    """Root of every error the service raises on purpose."""
+
+    retriable: bool = False
+    """True when the same operation may succeed later (retry with backoff, no error result)."""
+    poison: bool = False
+    """True when the input itself is bad: the task gets an error result and a DLQ copy."""
+
+
+class TaskError(InferenceError):
+    """A task that cannot succeed however often it is tried."""
+
+    poison = True
+    code: ErrorCode = ErrorCode.INVALID_TASK
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidTaskError(TaskError):
+    """The task record is not a valid task (not JSON, wrong types, missing fields)."""
+
+    code = ErrorCode.INVALID_TASK
+
+
+class FrameNotFoundError(TaskError):
+    """The frame's object (or its bucket) does not exist."""
+
+    code = ErrorCode.FRAME_NOT_FOUND
+
+
+class UndecodableFrameError(TaskError):
+    """The frame's bytes are not an image that can be decoded."""
+
+    code = ErrorCode.UNDECODABLE_FRAME
+
+
+class FrameTooLargeError(TaskError):
+    """The frame exceeds the byte or pixel limits (a decompression bomb is refused here)."""
+
+    code = ErrorCode.FRAME_TOO_LARGE
+
+
+class InferenceFailedError(TaskError):
+    """The model failed on this frame, also after the retry on a fresh worker."""
+
+    code = ErrorCode.INFERENCE_FAILED
+
+
+class TransientError(InferenceError):
+    """A dependency is unavailable for now; the operation is retried with backoff."""
+
+    retriable = True
+
+
+class StoreUnavailableError(TransientError):
+    """The object store cannot be reached or answers with a server error."""
+
+
+class ConfigError(InferenceError):
+    """A setting or the model cannot be used; start-up stops with this message."""
+
+
+class ModelError(ConfigError):
+    """The model file is missing, unreadable, or not a YOLOv8 detection model."""

@@ -1,0 +1,224 @@
+"""Settings: the single home of every default.
+
+Read from environment variables with the prefix ``INFERENCE_`` (SPEC.md, Configuration) and
+overridable by CLI flags (``--kafka-bootstrap-servers`` for ``INFERENCE_KAFKA_BOOTSTRAP_SERVERS``,
+and so on; see :func:`add_cli_flags`). Nothing here does I/O beyond reading the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from inference_service.errors import ConfigError
+
+ENV_PREFIX = "INFERENCE_"
+
+Delivery = Literal["exactly_once", "at_least_once"]
+Runtime = Literal["auto", "openvino", "onnxruntime", "onnxruntime-cuda", "openvino-gpu"]
+Precision = Literal["fp32", "bf16"]
+
+
+class Settings(BaseSettings):
+    """Every setting of the service, with its default and meaning."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        frozen=True,
+        validate_default=True,
+    )
+
+    # --- Kafka -------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field("localhost:9092", description="Kafka bootstrap servers.")
+    tasks_topic: str = Field("inference_tasks", description="Input topic of frame tasks.")
+    results_topic: str = Field("inference_results", description="Output topic of results.")
+    dlq_topic: str = Field("inference_tasks.dlq", description="Dead-letter topic for bad tasks.")
+    group_id: str = Field("inference-group", description="Kafka consumer group.")
+    delivery: Delivery = Field(
+        "exactly_once",
+        description="exactly_once (Kafka transactions) or at_least_once (commit after ack).",
+    )
+    transactional_id_prefix: str = Field(
+        "inference-service",
+        description="Prefix of the transactional id (exactly_once); the host and pid are appended.",
+    )
+    max_poll_records: int = Field(
+        256, ge=1, description="Most records taken from Kafka in one poll."
+    )
+    commit_interval_ms: int = Field(
+        200, ge=10, le=60_000, description="How often results and offsets are committed."
+    )
+
+    # --- S3 ----------------------------------------------------------------------------------
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333; unset means AWS."
+    )
+    s3_bucket: str = Field("frames", description="Default bucket of frames.")
+    s3_region: str = Field("us-east-1", description="S3 region.")
+    s3_concurrency: int = Field(32, ge=1, le=1024, description="Most S3 GETs under way at once.")
+
+    # --- Model and detection -------------------------------------------------------------------
+    model: Path = Field(
+        Path("best.pt"),
+        description="A YOLOv8 .pt checkpoint, an .onnx file, or an OpenVINO IR directory.",
+    )
+    conf: float = Field(0.25, gt=0.0, lt=1.0, description="Confidence threshold.")
+    iou: float = Field(0.45, gt=0.0, le=1.0, description="IoU threshold of NMS.")
+    max_detections: int = Field(300, ge=1, description="Most detections kept per frame.")
+    imgsz: int | None = Field(
+        None, ge=32, description="Inference size (long side); unset means the model's own."
+    )
+    runtime: Runtime = Field(
+        "auto",
+        description="openvino, onnxruntime (or a GPU provider); auto picks by measurement.",
+    )
+    precision: Precision = Field(
+        "fp32", description="fp32 (as the reference) or bf16 (faster on CPUs with native bf16)."
+    )
+    workers: int | Literal["auto"] = Field(
+        "auto", description="Detector processes; auto sizes them by the CPUs available."
+    )
+    threads: int | Literal["auto"] = Field(
+        "auto", description="Inference threads per detector process; auto: CPUs / workers."
+    )
+    batch_size: int = Field(1, ge=1, le=64, description="Most frames per inference call.")
+    batch_timeout_ms: float = Field(
+        2.0, ge=0.0, le=1000.0, description="Longest wait for a batch to fill."
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/inference-service"),
+        description="Where converted models are cached (keyed by the model file's sha256).",
+    )
+
+    # --- Limits --------------------------------------------------------------------------------
+    max_frame_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest encoded frame accepted, in bytes."
+    )
+    max_frame_pixels: int = Field(
+        50_000_000, ge=1024, description="Largest decoded frame accepted, in pixels (w × h)."
+    )
+    max_in_flight: int = Field(
+        64, ge=1, description="Most tasks consumed but not yet published; consumption pauses above."
+    )
+    max_in_flight_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024, description="Most frame bytes held in memory at once."
+    )
+    max_task_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest task record accepted, in bytes."
+    )
+    worker_retries: int = Field(
+        1, ge=0, le=5, description="Retries of a frame on a fresh worker after a worker crash."
+    )
+
+    # --- Service -------------------------------------------------------------------------------
+    http_host: str = Field("0.0.0.0", description="Address the HTTP server binds to.")
+    http_port: int = Field(8003, ge=0, le=65535, description="HTTP port.")
+    startup_timeout_s: float = Field(
+        300.0, ge=0.0, description="How long start-up waits for Kafka and S3 (0: forever)."
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, ge=1.0, description="Longest graceful shutdown before in-flight work is handed back."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level."
+    )
+
+    @field_validator("workers", "threads", mode="before")
+    @classmethod
+    def _auto_or_positive(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError("expected a positive integer or 'auto'") from None
+        if isinstance(value, int) and value < 1:
+            raise ValueError("expected a positive integer or 'auto'")
+        return value
+
+    @field_validator("s3_endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    def cache_path(self) -> Path:
+        """The cache directory with ``~`` expanded."""
+        return self.cache_dir.expanduser()
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a setting."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    """The CLI flag of a setting."""
+    return "--" + field_name.replace("_", "-")
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from the environment, then ``overrides`` (CLI flags) on top.
+
+    Raises :class:`ConfigError` naming each bad variable and what it accepts.
+    """
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = ["invalid settings:"]
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        field = Settings.model_fields.get(name)
+        accepted = field.description if field is not None else ""
+        lines.append(
+            f"  {env_name(name)} (flag {flag_name(name)}) = {err.get('input')!r}: {err['msg']}"
+            + (f". Accepted: {accepted}" if accepted else "")
+        )
+    return "\n".join(lines)
+
+
+def add_cli_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one optional flag per setting; unset flags leave the environment's value."""
+    group = parser.add_argument_group("settings (each also read from its environment variable)")
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        group.add_argument(
+            flag_name(name),
+            dest=f"setting_{name}",
+            default=None,
+            metavar=name.upper(),
+            help=f"{field.description} [{env_name(name)}, default: {default}]",
+        )
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as CLI flags, by field name."""
+    out: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        value = getattr(args, f"setting_{name}", None)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def settings_table() -> str:
+    """A Markdown table of every setting (the README's settings section is generated from it)."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "unset" if default is None else f"`{default}`"
+        rows.append(f"| `{env_name(name)}` | `{flag_name(name)}` | {shown} | {field.description} |")
+    return "\n".join(rows)
