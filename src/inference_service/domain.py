@@ -1,7 +1,7 @@
 """Value types of the service (stdlib only): tasks, detections, results.
 
-Results follow SPEC.md's schema (``schemas/result.schema.json``); ``Result.to_dict`` is the only place
-that shapes the JSON.
+Results follow SPEC.md's schema (``schemas/result.schema.json``); ``Result.to_dict`` is the only
+place that shapes the JSON.
 """
 
 from __future__ import annotations
@@ -130,11 +130,13 @@ class ResultError:
 class Result:
     """One result record for ``inference_results``."""
 
-    task_id: str
+    task_id: str | None
+    """None only for an invalid task that carried no usable id."""
     video_id: str
-    frame_id: int
+    frame_id: int | None
+    """None only for an invalid task whose frame_id was missing or of the wrong type."""
     bucket: str
-    s3_key: str
+    s3_key: str | None
     status: Literal["ok", "error"]
     model: ModelInfo
     meta: JsonObject | None = None

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from inference_service.settings import add_cli_flags, load_settings, overrides_from_args, settings_table
+from inference_service.settings import (
+    add_cli_flags,
+    load_settings,
+    overrides_from_args,
+    settings_table,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,565 @@
+"""The Kafka side of the service: consume tasks, publish ordered results, commit offsets.
+
+``KafkaPipeline`` owns one consumer (group ``inference-group``, cooperative-sticky) and one
+producer.
+Every call into librdkafka runs on a single I/O thread, so polling, rebalance callbacks and commits
+never interleave; the asyncio loop only awaits that thread.
+
+Delivery modes (SPEC.md, Guarantees):
+
+* ``exactly_once``: every commit cycle is one Kafka transaction holding the finished results (and
+  dead letters) of the cycle plus the consumer offsets after them, sent with the consumer's group
+  metadata so that a zombie instance is fenced. An abortable failure aborts the transaction and
+  rewinds the partitions of the cycle to their first uncommitted record.
+* ``at_least_once``: results are produced (idempotent producer) as they finish; offsets are
+  committed only up to the last contiguous record whose result the broker acknowledged.
+
+On a revocation the in-flight work of the revoked partitions is dropped and never published (the
+new owner starts from the committed offset); under ``at_least_once`` the acknowledged prefix is
+committed first. Nothing is lost either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+
+from inference_service.errors import TransientError
+from inference_service.metrics import Metrics
+from inference_service.ordering import Finished, InFlight, Partition
+from inference_service.processing import Backoff, Health, Outcome, Record, TaskProcessor
+from inference_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DLQ_MAX_VALUE_BYTES = 512 * 1024
+"""A dead letter larger than this keeps only its first bytes (header ``value.truncated``)."""
+
+
+class KafkaUnavailableError(TransientError):
+    """The broker cannot be reached."""
+
+
+def kafka_ready(bootstrap: str, timeout: float = 5.0) -> None:
+    """Raise ``KafkaUnavailableError`` unless a metadata request answers."""
+    admin = AdminClient(
+        {"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 3000}
+    )
+    try:
+        admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise KafkaUnavailableError(f"Kafka at {bootstrap} does not answer: {exc}") from exc
+
+
+@dataclass(slots=True)
+class _AckLane:
+    """at_least_once: offsets of one partition published and not yet committed, in order."""
+
+    pending: deque[int] = field(default_factory=deque)
+    acked: set[int] = field(default_factory=set)
+    failed: int | None = None
+
+    def committable(self) -> int | None:
+        """Offset to commit (last contiguous acked + 1), removing that prefix; None if none."""
+        last: int | None = None
+        while self.pending and self.pending[0] in self.acked:
+            last = self.pending.popleft()
+            self.acked.discard(last)
+        return None if last is None else last + 1
+
+
+class KafkaPipeline:
+    """Consume → process in parallel → publish in order → commit."""
+
+    def __init__(self, settings: Settings, processor: TaskProcessor, metrics: Metrics) -> None:
+        self._s = settings
+        self._processor = processor
+        self._metrics = metrics
+        self._health: Health = processor.health
+        self._exactly_once = settings.delivery == "exactly_once"
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-io")
+        self._inflight = InFlight()
+        self._assigned: set[Partition] = set()
+        self._paused = False
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._acks: dict[Partition, _AckLane] = {}
+        self._backoff = Backoff(initial_s=0.2, max_s=5.0)
+        self._last_lag = 0.0
+        self.ready = False
+        """True once the consumer has joined the group (for ``/readyz``)."""
+
+    # ------------------------------------------------------------------ life cycle
+    async def run(self) -> None:
+        """Run until :meth:`stop`; then finish in-flight work, commit and leave the group."""
+        self._loop = asyncio.get_running_loop()
+        await self._call(self._open)
+        commit_every = self._s.commit_interval_ms / 1000.0
+        next_commit = time.monotonic() + commit_every
+        try:
+            while not self._stopping.is_set():
+                await self._apply_backpressure()
+                messages = await self._call(self._poll)
+                for msg in messages:
+                    self._start(msg)
+                now = time.monotonic()
+                if now >= next_commit or self._inflight.count >= self._s.max_in_flight:
+                    await self._publish_finished()
+                    next_commit = now + commit_every
+                if not messages and self._inflight.count:
+                    # Nothing new: wait briefly for work to finish instead of spinning.
+                    await asyncio.sleep(min(0.01, commit_every))
+            await self._drain()
+        finally:
+            await self._call(self._close)
+            self._io.shutdown(wait=True)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to stop consuming, finish and commit."""
+        self._stopping.set()
+
+    async def _drain(self) -> None:
+        timeout = self._s.shutdown_timeout_s
+        log.info(
+            "stopping: finishing %d in-flight tasks (up to %.0f s)", self._inflight.count, timeout
+        )
+        finished = await self._inflight.wait_all(timeout)
+        await self._publish_finished()
+        if not finished or self._inflight.count:
+            dropped = self._inflight.drop()
+            log.warning(
+                "shutdown timeout: %d partitions handed back uncommitted: %s",
+                len(dropped),
+                dropped,
+            )
+
+    # ------------------------------------------------------------------ I/O thread
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, fn, *args)
+
+    def _consumer_config(self) -> dict[str, Any]:
+        return {
+            "bootstrap.servers": self._s.kafka_bootstrap_servers,
+            "group.id": self._s.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "isolation.level": "read_committed",
+            "queued.max.messages.kbytes": 16384,
+            "max.poll.interval.ms": 600000,
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 2000,
+            "client.id": f"inference-service-{socket.gethostname()}-{os.getpid()}",
+        }
+
+    def _producer_config(self) -> dict[str, Any]:
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self._s.kafka_bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "message.max.bytes": 2 * 1024 * 1024,
+            "client.id": f"inference-service-{socket.gethostname()}-{os.getpid()}",
+        }
+        if self._exactly_once:
+            conf["transactional.id"] = (
+                f"{self._s.transactional_id_prefix}-{socket.gethostname()}-{os.getpid()}"
+            )
+            conf["transaction.timeout.ms"] = 60000
+        return conf
+
+    def _open(self) -> None:
+        self._producer = self._new_producer()
+        consumer = Consumer(self._consumer_config())
+        consumer.subscribe(
+            [self._s.tasks_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self._consumer = consumer
+        log.info(
+            "consuming %s as group %s (%s), publishing to %s",
+            self._s.tasks_topic,
+            self._s.group_id,
+            self._s.delivery,
+            self._s.results_topic,
+        )
+
+    def _new_producer(self) -> Producer:
+        producer = Producer(self._producer_config())
+        if self._exactly_once:
+            attempt = 0
+            while True:
+                try:
+                    producer.init_transactions(30)
+                    break
+                except KafkaException as exc:
+                    err: KafkaError = exc.args[0]
+                    if not err.retriable() or self._stopping.is_set():
+                        raise
+                    delay = self._backoff.delay(attempt)
+                    log.warning("init_transactions failed (%s); retrying in %.1f s", err, delay)
+                    time.sleep(delay)
+                    attempt += 1
+        return producer
+
+    def _close(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close()
+            except KafkaException as exc:
+                log.warning("closing the consumer: %s", exc)
+        if self._producer is not None:
+            self._producer.flush(10)
+
+    def _poll(self) -> list[Message]:
+        assert self._consumer is not None
+        self._maybe_update_lag()
+        if self._producer is not None and not self._exactly_once:
+            self._producer.poll(0)
+        messages: list[Message] = self._consumer.consume(
+            num_messages=self._s.max_poll_records if not self._paused else 1, timeout=0.05
+        )
+        out: list[Message] = []
+        for msg in messages:
+            err = msg.error()
+            if err is None:
+                out.append(msg)
+            elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                log.warning("topic %s does not exist yet: %s", self._s.tasks_topic, err)
+            else:
+                log.warning("consumer error: %s", err)
+        return out
+
+    # ------------------------------------------------------------------ rebalances
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.ready = True
+        self._metrics.rebalances.labels("assigned").inc()
+        for tp in partitions:
+            self._assigned.add((tp.topic, tp.partition))
+        log.info("assigned %s", _names(partitions))
+        if self._paused and partitions:
+            consumer.pause(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._metrics.rebalances.labels("revoked").inc()
+        revoked = [(tp.topic, tp.partition) for tp in partitions]
+        if not self._exactly_once:
+            self._commit_acked(revoked, flush=True)
+        self._forget(revoked)
+        log.info("revoked %s", _names(partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._metrics.rebalances.labels("lost").inc()
+        self._forget([(tp.topic, tp.partition) for tp in partitions])
+        log.warning("lost %s (session expired); their work is dropped", _names(partitions))
+
+    def _forget(self, partitions: list[Partition]) -> None:
+        for p in partitions:
+            self._assigned.discard(p)
+            self._acks.pop(p, None)
+        self._on_loop(lambda: self._inflight.drop(partitions))
+
+    def _on_loop(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the event loop and wait for it (called from the I/O thread)."""
+        assert self._loop is not None
+
+        async def call() -> None:
+            fn()
+
+        asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout=30)
+
+    # ------------------------------------------------------------------ processing
+    def _start(self, msg: Message) -> None:
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        assert topic is not None and partition is not None and offset is not None
+        key = msg.key()
+        value = msg.value()
+        size = len(value or b"") + len(key or b"")
+        record = Record(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            key=key if isinstance(key, bytes) else None,
+            value=value if isinstance(value, bytes) else None,
+        )
+        if size > self._s.max_task_bytes:
+            work = asyncio.ensure_future(self._processor.oversized(record, self._s.max_task_bytes))
+        else:
+            work = asyncio.ensure_future(self._processor.process(record))
+        self._inflight.add((topic, partition), offset, work, size)
+
+    async def _apply_backpressure(self) -> None:
+        full = (
+            self._inflight.count >= self._s.max_in_flight
+            or self._inflight.nbytes >= self._s.max_in_flight_bytes
+            or self._processor.held_bytes >= self._s.max_in_flight_bytes
+            or not self._health.healthy
+        )
+        if full != self._paused:
+            await self._call(self._set_paused, full)
+        self._metrics.in_flight.set(self._inflight.count)
+        self._metrics.in_flight_bytes.set(self._inflight.nbytes)
+        if full:
+            # Let work finish; publish what is done so the lanes drain.
+            await asyncio.sleep(0.005)
+            await self._publish_finished()
+
+    def _set_paused(self, paused: bool) -> None:
+        assert self._consumer is not None
+        parts = [TopicPartition(t, p) for t, p in self._assigned]
+        if parts:
+            if paused:
+                self._consumer.pause(parts)
+            else:
+                self._consumer.resume(parts)
+        self._paused = paused
+        self._metrics.paused.set(1 if paused else 0)
+        log.debug("consumption %s", "paused" if paused else "resumed")
+
+    # ------------------------------------------------------------------ publishing
+    async def _publish_finished(self) -> None:
+        finished = self._inflight.take_finished()
+        if not finished and (self._exactly_once or not self._acks):
+            return
+        if self._exactly_once:
+            await self._call(self._commit_transaction, finished)
+        else:
+            await self._call(self._produce_and_commit, finished)
+
+    def _produce(self, item: Finished, on_delivery: Callable[..., None] | None = None) -> None:
+        assert self._producer is not None
+        outcome: Outcome = item.outcome
+        if outcome.result is not None:
+            self._produce_retrying(
+                self._s.results_topic,
+                outcome.key,
+                json.dumps(outcome.result, separators=(",", ":")).encode(),
+                None,
+                on_delivery,
+            )
+        if outcome.dead_letter is not None:
+            dl = outcome.dead_letter
+            value = dl.value
+            headers: list[tuple[str, str | bytes | None]] = list(dl.headers)
+            if value is not None and len(value) > DLQ_MAX_VALUE_BYTES:
+                headers.append(("value.truncated", str(len(value)).encode()))
+                value = value[:DLQ_MAX_VALUE_BYTES]
+            self._produce_retrying(
+                self._s.dlq_topic,
+                dl.key,
+                value,
+                headers,
+                on_delivery if outcome.result is None else None,
+            )
+
+    def _produce_retrying(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, str | bytes | None]] | None,
+        on_delivery: Callable[..., None] | None,
+    ) -> None:
+        assert self._producer is not None
+        while True:
+            try:
+                self._producer.produce(
+                    topic, value=value, key=key, headers=headers, on_delivery=on_delivery
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.1)
+
+    def _commit_transaction(self, finished: list[Finished]) -> None:
+        """exactly_once: one transaction with the results and the offsets after them."""
+        assert self._producer is not None and self._consumer is not None
+        items = [f for f in finished if f.partition in self._assigned]
+        if not items:
+            return
+        offsets: dict[Partition, int] = {}
+        first: dict[Partition, int] = {}
+        for f in items:
+            offsets[f.partition] = f.offset + 1
+            first.setdefault(f.partition, f.offset)
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        attempt = 0
+        while True:
+            try:
+                self._producer.begin_transaction()
+                for f in items:
+                    self._produce(f)
+                self._producer.send_offsets_to_transaction(
+                    tps, self._consumer.consumer_group_metadata(), 30
+                )
+                self._commit_with_retries()
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                self._metrics.transactions.labels("aborted").inc()
+                if err.fatal():
+                    log.error("fatal producer error, recreating the producer: %s", err)
+                    self._producer = self._new_producer()
+                else:
+                    log.warning("transaction failed (%s); aborting and rewinding", err)
+                    self._abort_quietly()
+                if self._stopping.is_set() or not err.retriable() or attempt >= 3:
+                    self._rewind(first)
+                    return
+                # A retriable failure: the same items in a fresh transaction after a pause.
+                time.sleep(self._backoff.delay(attempt))
+                attempt += 1
+                items = [f for f in items if f.partition in self._assigned]
+                if not items:
+                    return
+                continue
+            self._metrics.transactions.labels("committed").inc()
+            self._count(items)
+            return
+
+    def _commit_with_retries(self) -> None:
+        assert self._producer is not None
+        attempt = 0
+        while True:
+            try:
+                self._producer.commit_transaction(30)
+                return
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if err.retriable() and not err.txn_requires_abort() and attempt < 20:
+                    delay = self._backoff.delay(attempt)
+                    log.warning("commit failed (%s); retrying in %.1f s", err, delay)
+                    time.sleep(delay)
+                    attempt += 1
+                    continue
+                raise
+
+    def _abort_quietly(self) -> None:
+        assert self._producer is not None
+        try:
+            self._producer.abort_transaction(30)
+        except KafkaException as exc:
+            log.warning("abort failed (%s); recreating the producer", exc)
+            self._producer = self._new_producer()
+
+    def _rewind(self, first: dict[Partition, int]) -> None:
+        """Seek each partition back to its first unpublished record and drop its later work."""
+        assert self._consumer is not None
+        owned = [p for p in first if p in self._assigned]
+        self._on_loop(lambda: self._inflight.drop(owned))
+        for topic, partition in owned:
+            offset = first[(topic, partition)]
+            try:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:
+                log.warning("seek %s[%d]@%d failed: %s", topic, partition, offset, exc)
+        log.warning("rewound %s", {f"{t}[{p}]": first[(t, p)] for t, p in owned})
+
+    def _produce_and_commit(self, finished: list[Finished]) -> None:
+        """at_least_once: produce now; commit the acknowledged contiguous prefix."""
+        assert self._producer is not None
+        for f in finished:
+            if f.partition not in self._assigned:
+                continue
+            lane = self._acks.setdefault(f.partition, _AckLane())
+            lane.pending.append(f.offset)
+            self._produce(f, self._ack_callback(f.partition, f.offset))
+        self._count([f for f in finished if f.partition in self._assigned])
+        self._producer.poll(0)
+        self._commit_acked(list(self._acks))
+
+    def _ack_callback(self, partition: Partition, offset: int) -> Callable[..., None]:
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            lane = self._acks.get(partition)
+            if lane is None:
+                return
+            if err is None:
+                lane.acked.add(offset)
+            else:
+                log.warning("result of %s@%d not delivered: %s", partition, offset, err)
+                lane.failed = offset if lane.failed is None else min(lane.failed, offset)
+
+        return on_delivery
+
+    def _commit_acked(self, partitions: list[Partition], flush: bool = False) -> None:
+        assert self._consumer is not None and self._producer is not None
+        if flush:
+            self._producer.flush(30)
+        commits: list[TopicPartition] = []
+        rewind: dict[Partition, int] = {}
+        for p in partitions:
+            lane = self._acks.get(p)
+            if lane is None:
+                continue
+            offset = lane.committable()
+            if offset is not None:
+                commits.append(TopicPartition(p[0], p[1], offset))
+            if lane.failed is not None:
+                rewind[p] = lane.failed
+                self._acks.pop(p)
+        if commits:
+            try:
+                self._consumer.commit(offsets=commits, asynchronous=False)
+                self._metrics.transactions.labels("committed").inc()
+            except KafkaException as exc:
+                self._metrics.transactions.labels("failed").inc()
+                log.warning("offset commit failed (will retry with later offsets): %s", exc)
+        if rewind:
+            self._rewind(rewind)
+
+    def _count(self, items: list[Finished]) -> None:
+        for f in items:
+            oc = f.outcome
+            if oc.result is not None:
+                self._metrics.results.labels(oc.status).inc()
+            if oc.dead_letter is not None:
+                self._metrics.dead_letters.labels(oc.status).inc()
+            self._metrics.observe_timings(oc.timings_ms)
+
+    # ------------------------------------------------------------------ lag
+    def _maybe_update_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag < 5.0 or self._consumer is None or not self._assigned:
+            return
+        self._last_lag = now
+        parts = [TopicPartition(t, p) for t, p in self._assigned]
+        try:
+            positions = self._consumer.position(parts)
+            for tp in positions:
+                _low, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+                pos = tp.offset if tp.offset >= 0 else _low
+                self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                    max(0, high - pos)
+                )
+        except KafkaException as exc:
+            log.debug("lag not updated: %s", exc)
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"

@@ -1,0 +1,150 @@
+"""The composition root: settings → adapters → pipeline, HTTP, signals. Only ``serve`` uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from inference_service.adapters.kafka import KafkaPipeline, kafka_ready
+from inference_service.adapters.s3 import S3FrameStore
+from inference_service.errors import ConfigError, TransientError
+from inference_service.http_api import Readiness, build_app
+from inference_service.metrics import Metrics
+from inference_service.pool import DetectorPool
+from inference_service.processing import Backoff, TaskProcessor
+from inference_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class _PoolMetrics:
+    """Copies the pool's counters into Prometheus metrics when ``/metrics`` is read."""
+
+    def __init__(self, pool: DetectorPool, metrics: Metrics) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._restarts = 0
+        self._batches: dict[int, int] = {}
+
+    def refresh(self) -> None:
+        stats = self._pool.stats()
+        if stats.worker_restarts > self._restarts:
+            self._metrics.worker_restarts.inc(stats.worker_restarts - self._restarts)
+            self._restarts = stats.worker_restarts
+        for size, calls in stats.batch_sizes.items():
+            seen = self._batches.get(size, 0)
+            for _ in range(calls - seen):
+                self._metrics.batch_size.observe(size)
+            self._batches[size] = calls
+
+
+async def wait_for(
+    what: str,
+    check: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
+    timeout_s: float,
+) -> bool:
+    """Call ``check`` until it passes, with backoff, logging what is awaited. False if stopped."""
+    backoff = Backoff(initial_s=0.5, max_s=10.0)
+    started = time.monotonic()
+    attempt = 0
+    while not stop.is_set():
+        try:
+            await check()
+        except TransientError as exc:
+            waited = time.monotonic() - started
+            if timeout_s and waited > timeout_s:
+                raise ConfigError(
+                    f"gave up waiting for {what} after {waited:.0f} s "
+                    f"(INFERENCE_STARTUP_TIMEOUT_S): {exc}"
+                ) from exc
+            delay = backoff.delay(attempt)
+            log.warning("waiting for %s (retry in %.1f s): %s", what, delay, exc)
+            attempt += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            continue
+        log.info("%s is ready", what)
+        return True
+    return False
+
+
+async def serve(settings: Settings) -> int:
+    """Run the service until SIGTERM or SIGINT; 0 on a clean stop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    pipeline: KafkaPipeline | None = None
+
+    def on_signal(signum: int) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+        if pipeline is not None:
+            pipeline.stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    metrics = Metrics()
+    pool = DetectorPool(settings)
+    store = S3FrameStore(settings)
+    deps = {"kafka": False, "s3": False}
+    processor = TaskProcessor(store, pool, settings.s3_bucket)
+    pool_metrics = _PoolMetrics(pool, metrics)
+    readiness = Readiness(
+        {
+            "kafka": lambda: deps["kafka"] and pipeline is not None and pipeline.ready,
+            "s3": lambda: deps["s3"] and processor.health.healthy,
+            "model": pool.ready,
+        }
+    )
+    app = build_app(
+        pool,
+        metrics,
+        readiness,
+        max_body_bytes=settings.max_frame_bytes,
+        refresh_metrics=pool_metrics.refresh,
+    )
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http_host, settings.http_port)
+    await site.start()
+    log.info("HTTP on %s:%d (/healthz /readyz /metrics /v1/model /v1/detect)",
+             settings.http_host, settings.http_port)  # fmt: skip
+    try:
+        pool_start = asyncio.ensure_future(pool.start())
+
+        async def check_kafka() -> None:
+            await asyncio.to_thread(kafka_ready, settings.kafka_bootstrap_servers)
+
+        async def check_s3() -> None:
+            await store.check(settings.s3_bucket)
+
+        kafka_what = f"Kafka at {settings.kafka_bootstrap_servers}"
+        s3_what = f"S3 at {settings.s3_endpoint_url or 'AWS'} (bucket {settings.s3_bucket!r})"
+        if not await wait_for(kafka_what, check_kafka, stop, settings.startup_timeout_s):
+            return 0
+        deps["kafka"] = True
+        if not await wait_for(s3_what, check_s3, stop, settings.startup_timeout_s):
+            return 0
+        deps["s3"] = True
+        await pool_start
+        info = pool.info
+        log.info(
+            "model %s (sha256 %s…) on %s, %d workers × %d threads",
+            *(info.name, info.sha256[:12], info.runtime, pool.processes, pool.threads),
+        )
+        if stop.is_set():
+            return 0
+        pipeline = KafkaPipeline(settings, processor, metrics)
+        await pipeline.run()
+        log.info("stopped cleanly")
+        return 0
+    finally:
+        await pool.stop()
+        await runner.cleanup()

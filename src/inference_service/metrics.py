@@ -1,0 +1,70 @@
+"""Prometheus metrics of one service instance, in a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """Every metric the service exports on ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.results = Counter(
+            "inference_results", "Results published, by status (ok or error code).", ["status"],
+            registry=r,
+        )  # fmt: skip
+        self.dead_letters = Counter(
+            "inference_dead_letters", "Task copies sent to the dead-letter topic, by error code.",
+            ["code"], registry=r,
+        )  # fmt: skip
+        self.stage_seconds = Histogram(
+            "inference_stage_seconds", "Latency per stage of a task (fetch, decode, ...).",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "inference_in_flight", "Tasks consumed and not yet published.", registry=r
+        )
+        self.in_flight_bytes = Gauge(
+            "inference_in_flight_bytes", "Task record bytes held in flight.", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "inference_consumer_lag", "Records behind the end of each assigned partition.",
+            ["topic", "partition"], registry=r,
+        )  # fmt: skip
+        self.rebalances = Counter(
+            "inference_rebalances", "Partition assignment changes, by kind.", ["kind"], registry=r
+        )
+        self.transactions = Counter(
+            "inference_commits", "Commits of results and offsets, by outcome.", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.paused = Gauge(
+            "inference_consumption_paused", "1 while consumption is paused (back-pressure or "
+            "a dependency down).", registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "inference_batch_size", "Frames per inference call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
+        )  # fmt: skip
+        self.worker_restarts = Counter(
+            "inference_worker_restarts", "Detector worker processes replaced after dying.",
+            registry=r,
+        )  # fmt: skip
+
+    def observe_timings(self, timings_ms: dict[str, float]) -> None:
+        for stage, ms in timings_ms.items():
+            self.stage_seconds.labels(stage).observe(ms / 1000.0)
+
+    def render(self, before: Callable[[], None] | None = None) -> bytes:
+        """The text exposition; ``before`` refreshes pulled values first."""
+        if before is not None:
+            before()
+        return generate_latest(self.registry)

@@ -1,0 +1,151 @@
+"""Parsing task records (SPEC.md, Tasks) into :class:`~inference_service.domain.Task`.
+
+Pure logic, no I/O. A record that is not a JSON object raises :class:`NotJsonError` (it goes to the
+dead-letter topic only); a JSON object that is not a valid task raises ``InvalidTaskError`` and the
+caller still publishes an error result with whatever identity the record carries
+(:func:`partial_identity`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from inference_service.domain import JsonObject, Task
+from inference_service.errors import InvalidTaskError
+
+KEY_ALIASES = ("s3_key", "frame_path", "s3_path", "path")
+MAX_KEY_BYTES = 1024
+MAX_ID_CHARS = 512
+
+
+class NotJsonError(InvalidTaskError):
+    """The record's value is not a JSON object at all."""
+
+
+def decode_record(value: bytes | None) -> JsonObject:
+    """The record's JSON object; raises :class:`NotJsonError` otherwise."""
+    if value is None:
+        raise NotJsonError("the record has no value (tombstone)")
+    try:
+        obj = json.loads(value)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise NotJsonError(f"the record is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise NotJsonError(f"the record is JSON but not an object (got {type(obj).__name__})")
+    return obj
+
+
+def parse_task(obj: JsonObject, default_bucket: str) -> Task:
+    """A validated task; raises ``InvalidTaskError`` naming the first problem."""
+    video_id = obj.get("video_id")
+    if not isinstance(video_id, str) or not video_id:
+        raise InvalidTaskError("video_id must be a non-empty string")
+    if len(video_id) > MAX_ID_CHARS:
+        raise InvalidTaskError(f"video_id is longer than {MAX_ID_CHARS} characters")
+    frame_id = obj.get("frame_id")
+    if isinstance(frame_id, bool) or not isinstance(frame_id, int):
+        raise InvalidTaskError("frame_id must be an integer >= 0")
+    if frame_id < 0:
+        raise InvalidTaskError(f"frame_id must be >= 0 (got {frame_id})")
+
+    raw_key: Any = None
+    for alias in KEY_ALIASES:
+        if alias in obj:
+            raw_key = obj[alias]
+            break
+    if not isinstance(raw_key, str) or not raw_key:
+        raise InvalidTaskError("s3_key (or frame_path, s3_path, path) must be a non-empty string")
+
+    bucket_field = obj.get("bucket")
+    if bucket_field is not None and (not isinstance(bucket_field, str) or not bucket_field):
+        raise InvalidTaskError("bucket must be a non-empty string when given")
+    bucket, key = split_location(raw_key, bucket_field or default_bucket)
+    check_bucket(bucket)
+    check_key(key)
+
+    task_id = obj.get("task_id")
+    if task_id is None:
+        task_id = f"{video_id}:{frame_id}"
+    elif not isinstance(task_id, str) or not task_id or len(task_id) > MAX_ID_CHARS:
+        raise InvalidTaskError(f"task_id must be a non-empty string of at most {MAX_ID_CHARS}")
+    meta = obj.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise InvalidTaskError("meta must be an object when given")
+    return Task(
+        video_id=video_id,
+        frame_id=frame_id,
+        s3_key=key,
+        bucket=bucket,
+        task_id=task_id,
+        meta=meta,
+    )
+
+
+def split_location(raw: str, bucket: str) -> tuple[str, str]:
+    """``(bucket, key)`` from a plain key or an ``s3://bucket/key`` URI."""
+    if raw.startswith("s3://"):
+        rest = raw[len("s3://") :]
+        uri_bucket, sep, key = rest.partition("/")
+        if not uri_bucket or not sep or not key:
+            raise InvalidTaskError(f"s3 URI {raw!r} must look like s3://bucket/key")
+        return uri_bucket, key
+    return bucket, raw
+
+
+def check_bucket(bucket: str) -> None:
+    """Refuse names that are not S3 bucket names (3-63 of a-z, 0-9, '.', '-')."""
+    ok = 3 <= len(bucket) <= 63 and all(c.islower() or c.isdigit() or c in ".-" for c in bucket)
+    if not ok or not bucket.isascii():
+        raise InvalidTaskError(f"bucket {bucket!r} is not a valid S3 bucket name")
+
+
+def check_key(key: str) -> None:
+    """Refuse keys that name no object safely: control characters, '.'/'..' segments, '//'."""
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise InvalidTaskError(f"s3 key is longer than {MAX_KEY_BYTES} bytes")
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise InvalidTaskError("s3 key contains control characters")
+    if key.startswith("/") or key.endswith("/"):
+        raise InvalidTaskError(f"s3 key {key!r} must not start or end with '/'")
+    for part in key.split("/"):
+        if part in ("", ".", ".."):
+            raise InvalidTaskError(f"s3 key {key!r} has an empty, '.' or '..' segment")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidTaskError("s3 key is not valid UTF-8") from None
+
+
+def partial_identity(
+    obj: JsonObject | None, key: bytes | None, default_bucket: str
+) -> dict[str, Any]:
+    """The identity fields an error result of an invalid task can still carry.
+
+    Fields of the wrong type are dropped (set to None); the video id falls back to the record key.
+    """
+    obj = obj or {}
+    video_id = obj.get("video_id")
+    if not isinstance(video_id, str):
+        video_id = key.decode("utf-8", "replace") if key else ""
+    frame_id = obj.get("frame_id")
+    if isinstance(frame_id, bool) or not isinstance(frame_id, int) or frame_id < 0:
+        frame_id = None
+    s3_key: Any = None
+    for alias in KEY_ALIASES:
+        if isinstance(obj.get(alias), str):
+            s3_key = obj[alias]
+            break
+    bucket = obj.get("bucket")
+    task_id = obj.get("task_id")
+    if not isinstance(task_id, str):
+        task_id = f"{video_id}:{frame_id}" if frame_id is not None else None
+    meta = obj.get("meta")
+    return {
+        "task_id": task_id,
+        "video_id": video_id,
+        "frame_id": frame_id,
+        "bucket": bucket if isinstance(bucket, str) else default_bucket,
+        "s3_key": s3_key,
+        "meta": meta if isinstance(meta, dict) else None,
+    }

@@ -1,0 +1,131 @@
+import asyncio
+import json
+
+from inference_service.domain import BBox, Detection, FrameDetections, ImageSize, ModelInfo
+from inference_service.errors import (
+    FrameNotFoundError,
+    StoreUnavailableError,
+    UndecodableFrameError,
+)
+from inference_service.processing import Backoff, Record, TaskProcessor
+
+INFO = ModelInfo("best.pt", "0" * 64, (320, 320), 0.25, 0.45, "fake/fp32", ("disc",))
+
+
+class FakeStore:
+    def __init__(self, objects, outages=0):
+        self.objects = objects
+        self.outages = outages
+        self.calls = 0
+
+    async def get(self, bucket, key):
+        self.calls += 1
+        if self.outages > 0:
+            self.outages -= 1
+            raise StoreUnavailableError("connection refused")
+        try:
+            return self.objects[(bucket, key)]
+        except KeyError:
+            raise FrameNotFoundError(f"no object s3://{bucket}/{key}") from None
+
+    async def check(self, bucket):
+        return None
+
+
+class FakeDetector:
+    info = INFO
+
+    async def detect(self, data):
+        if data == b"garbage":
+            raise UndecodableFrameError("not an image")
+        det = Detection(0, "disc", 0.9, BBox(1, 2, 3, 4))
+        return FrameDetections(ImageSize(640, 480), (det,), 1.0, 0.5, 5.0, 0.2)
+
+    def ready(self):
+        return True
+
+
+def record(value, offset=0):
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return Record("inference_tasks", 2, offset, b"v1", raw)
+
+
+def processor(store):
+    return TaskProcessor(store, FakeDetector(), "frames", backoff=Backoff(0.001, 0.002))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_ok_result_has_copied_identity_and_timings():
+    store = FakeStore({("frames", "v1/0.jpg"): b"jpeg"})
+    out = run(
+        processor(store).process(
+            record({"video_id": "v1", "frame_id": 0, "s3_key": "v1/0.jpg", "meta": {"a": 1}})
+        )
+    )
+    assert out.status == "ok" and out.dead_letter is None
+    r = out.result
+    assert (r["task_id"], r["video_id"], r["frame_id"], r["meta"]) == ("v1:0", "v1", 0, {"a": 1})
+    assert r["image"] == {"width": 640, "height": 480}
+    assert r["detections"][0]["class_name"] == "disc"
+    assert set(r["timings_ms"]) >= {"fetch", "decode", "inference", "total"}
+    assert "error" not in r
+
+
+def test_missing_frame_gives_error_result_and_dead_letter_with_headers():
+    out = run(
+        processor(FakeStore({})).process(
+            record({"video_id": "v1", "frame_id": 4, "s3_key": "nope.jpg"}, offset=17)
+        )
+    )
+    assert out.status == "frame_not_found"
+    assert out.result["status"] == "error"
+    assert out.result["error"]["code"] == "frame_not_found"
+    assert out.result["frame_id"] == 4
+    headers = dict(out.dead_letter.headers)
+    assert headers["error.code"] == b"frame_not_found"
+    assert headers["source.topic"] == b"inference_tasks"
+    assert headers["source.partition"] == b"2"
+    assert headers["source.offset"] == b"17"
+
+
+def test_undecodable_frame():
+    store = FakeStore({("frames", "bad.jpg"): b"garbage"})
+    out = run(
+        processor(store).process(record({"video_id": "v1", "frame_id": 1, "s3_key": "bad.jpg"}))
+    )
+    assert out.result["error"]["code"] == "undecodable_frame"
+
+
+def test_not_json_goes_to_dead_letters_only():
+    out = run(processor(FakeStore({})).process(record(b"\x00\x01 not json")))
+    assert out.result is None
+    assert out.dead_letter is not None and out.status == "invalid_task"
+
+
+def test_invalid_task_result_uses_record_key_for_video():
+    out = run(processor(FakeStore({})).process(record({"frame_id": -5, "s3_key": "x.jpg"})))
+    assert out.result["error"]["code"] == "invalid_task"
+    assert out.result["video_id"] == "v1"
+    assert out.result["frame_id"] is None
+
+
+def test_store_outage_is_retried_not_failed():
+    store = FakeStore({("frames", "a.jpg"): b"jpeg"}, outages=3)
+    proc = processor(store)
+    out = run(proc.process(record({"video_id": "v1", "frame_id": 0, "s3_key": "a.jpg"})))
+    assert out.status == "ok"
+    assert store.calls == 4
+    assert proc.health.healthy
+
+
+def test_oversized_record():
+    big = json.dumps(
+        {"video_id": "v1", "frame_id": 9, "s3_key": "a.jpg", "pad": "x" * 5000}
+    ).encode()
+    out = run(processor(FakeStore({})).oversized(record(big), 1024))
+    assert out.result["error"]["code"] == "invalid_task"
+    assert "INFERENCE_MAX_TASK_BYTES" in out.result["error"]["message"]
+    assert out.result["frame_id"] == 9

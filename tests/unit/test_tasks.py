@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from inference_service.errors import InvalidTaskError
+from inference_service.tasks import NotJsonError, decode_record, parse_task, partial_identity
+
+
+def task(**fields):
+    base = {"video_id": "v1", "frame_id": 3, "s3_key": "v1/3.jpg"}
+    base.update(fields)
+    return base
+
+
+def test_minimal_task_gets_defaults():
+    t = parse_task(task(), "frames")
+    assert (t.video_id, t.frame_id, t.bucket, t.s3_key, t.task_id, t.meta) == (
+        "v1", 3, "frames", "v1/3.jpg", "v1:3", None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("alias", ["frame_path", "s3_path", "path"])
+def test_key_aliases(alias):
+    obj = {"video_id": "v", "frame_id": 0, alias: "a/b.jpg"}
+    assert parse_task(obj, "frames").s3_key == "a/b.jpg"
+
+
+def test_uri_sets_bucket_and_key():
+    t = parse_task(task(s3_key="s3://other-bucket/x/y.jpg"), "frames")
+    assert (t.bucket, t.s3_key) == ("other-bucket", "x/y.jpg")
+
+
+def test_bucket_override_meta_and_task_id_copied():
+    t = parse_task(task(bucket="b2-frames", task_id="t-9", meta={"cam": 2}, extra=1), "frames")
+    assert (t.bucket, t.task_id, t.meta) == ("b2-frames", "t-9", {"cam": 2})
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"video_id": ""}, "video_id"),
+        ({"video_id": 5}, "video_id"),
+        ({"frame_id": -1}, ">= 0"),
+        ({"frame_id": "3"}, "frame_id"),
+        ({"frame_id": True}, "frame_id"),
+        ({"frame_id": 1.5}, "frame_id"),
+        ({"s3_key": ""}, "s3_key"),
+        ({"s3_key": 7}, "s3_key"),
+        ({"s3_key": "../etc/passwd"}, "'..'"),
+        ({"s3_key": "a//b.jpg"}, "empty"),
+        ({"s3_key": "/abs.jpg"}, "start"),
+        ({"s3_key": "a\x00b"}, "control"),
+        ({"s3_key": "s3://"}, "s3://bucket/key"),
+        ({"s3_key": "s3://bucket-only"}, "s3://bucket/key"),
+        ({"bucket": "Bad_Bucket"}, "bucket"),
+        ({"bucket": ""}, "bucket"),
+        ({"meta": [1]}, "meta"),
+        ({"task_id": 12}, "task_id"),
+    ],
+)
+def test_invalid_tasks_name_the_problem(fields, needle):
+    with pytest.raises(InvalidTaskError, match=needle.replace(".", r"\.").replace("/", "/")):
+        parse_task(task(**fields), "frames")
+
+
+def test_missing_key_field():
+    with pytest.raises(InvalidTaskError, match="s3_key"):
+        parse_task({"video_id": "v", "frame_id": 1}, "frames")
+
+
+@pytest.mark.parametrize("raw", [None, b"", b"not json", b"[1,2]", b"\xff\xfe", b'"str"'])
+def test_not_json_records(raw):
+    with pytest.raises(NotJsonError):
+        decode_record(raw)
+
+
+def test_decode_record_object():
+    assert decode_record(json.dumps(task()).encode()) == task()
+
+
+def test_partial_identity_keeps_what_is_usable():
+    ident = partial_identity({"frame_id": "x", "s3_key": "k.jpg"}, b"vid-7", "frames")
+    assert ident["video_id"] == "vid-7"
+    assert ident["frame_id"] is None
+    assert ident["task_id"] is None
+    assert ident["s3_key"] == "k.jpg"
+    ident = partial_identity({"video_id": "v", "frame_id": 2}, None, "frames")
+    assert ident["task_id"] == "v:2"
+    assert partial_identity({"video_id": "v", "frame_id": -2}, None, "frames")["frame_id"] is None
