@@ -1,0 +1,136 @@
+"""Convert a ``.pt`` checkpoint to ONNX (and ONNX to OpenVINO IR): the only user of ultralytics/torch.
+
+The conversion runs in a child process (``python -m inference_service.model.export``) so that
+torch and ultralytics never load into the service's own process (nor into the worker processes it
+forks), and so that their import-time side effects (ultralytics sets ``OMP_NUM_THREADS``, torch
+sizes its thread pool) stay there. The child gets ``YOLO_OFFLINE=1`` (ultralytics then treats the
+machine as offline: no downloads, no telemetry), ``YOLO_AUTOINSTALL=False`` (it never installs a
+missing requirement) and a ``YOLO_CONFIG_DIR`` inside the cache, unless the caller's environment
+sets them.
+
+The export matches what ``yolo export format=onnx dynamic=True simplify=True`` produces: batch,
+height and width dynamic, output ``(batch, 4 + classes, anchors)``, ultralytics' metadata in the
+ONNX ``metadata_props``, at the checkpoint's own training ``imgsz`` (the size its predict uses
+by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from inference_service.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+ONNX_NAME = "model.onnx"
+OPENVINO_NAME = "model.xml"
+INSTALL_HINT = "pip install 'inference-service[export]'"
+_EXIT_NOT_DETECT = 3
+_EXIT_UNREADABLE = 4
+
+
+def export_available() -> bool:
+    """True when ultralytics and torch are installed (the ``export`` extra)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("ultralytics", "torch", "onnx"))
+
+
+def export_onnx(source: Path, out_dir: Path, *, config_dir: Path, timeout_s: float = 600.0) -> Path:
+    """Export the checkpoint ``source`` to ``out_dir/model.onnx`` in a child process.
+
+    Raises :class:`ModelError` when the export extra is missing, the file is no YOLOv8 detection
+    checkpoint, or the export fails (with the child's last output).
+    """
+    if not export_available():
+        raise ModelError(
+            f"{source} is a PyTorch checkpoint; converting it needs ultralytics and torch: "
+            f"{INSTALL_HINT} (or give INFERENCE_MODEL an exported .onnx file or OpenVINO directory)"
+        )
+    env = dict(os.environ)
+    env.setdefault("YOLO_OFFLINE", "1")
+    env.setdefault("YOLO_AUTOINSTALL", "False")
+    env.setdefault("YOLO_CONFIG_DIR", str(config_dir))
+    env.setdefault("YOLO_VERBOSE", "False")
+    command = [sys.executable, "-m", "inference_service.model.export", str(source), str(out_dir)]
+    log.info("converting %s to ONNX (once; cached in %s)", source, out_dir.parent)
+    try:
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise ModelError(f"converting {source} took longer than {timeout_s:.0f} s") from None
+    tail = (done.stderr or done.stdout).strip()[-2000:]
+    if done.returncode == _EXIT_NOT_DETECT:
+        raise ModelError(done.stderr.strip().splitlines()[-1])
+    if done.returncode == _EXIT_UNREADABLE:
+        raise ModelError(f"{source} is not a readable YOLOv8 checkpoint: {tail.splitlines()[-1]}")
+    if done.returncode != 0:
+        raise ModelError(f"converting {source} to ONNX failed:\n{tail}")
+    onnx_path = out_dir / ONNX_NAME
+    if not onnx_path.is_file():
+        raise ModelError(f"converting {source} produced no {onnx_path}:\n{tail}")
+    return onnx_path
+
+
+def onnx_to_openvino(onnx_path: Path, out_dir: Path) -> Path:
+    """Convert an ONNX model to OpenVINO IR (fp32 weights, no compression); the ``.xml`` path."""
+    import openvino as ov
+
+    model = ov.convert_model(str(onnx_path))
+    xml = out_dir / OPENVINO_NAME
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    return xml
+
+
+def _child(source: Path, out_dir: Path) -> int:
+    """The child process: load with ultralytics, check it is a YOLOv8 detector, export."""
+    from ultralytics import YOLO
+
+    try:
+        yolo = YOLO(str(source), task=None)
+    except Exception as exc:  # whatever torch.load or ultralytics raise for a bad file
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return _EXIT_UNREADABLE
+    head = type(yolo.model.model[-1]).__name__ if hasattr(yolo.model, "model") else "?"
+    end2end = bool(getattr(yolo.model, "end2end", False))
+    if yolo.task != "detect" or head != "Detect" or end2end:
+        print(
+            f"{source} is a {yolo.task!r} model with a {head} head"
+            f"{' (end-to-end)' if end2end else ''}; expected a YOLOv8 detection model "
+            "(task 'detect', Detect head)",
+            file=sys.stderr,
+        )
+        return _EXIT_NOT_DETECT
+    imgsz = yolo.overrides.get("imgsz", 640)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / "model.pt"
+    shutil.copyfile(source, work)
+    exported = YOLO(str(work)).export(
+        format="onnx", dynamic=True, simplify=True, imgsz=imgsz, batch=1, device="cpu", half=False
+    )
+    work.unlink()
+    target = out_dir / ONNX_NAME
+    if Path(exported) != target:
+        Path(exported).replace(target)
+    print(json.dumps({"onnx": str(target), "imgsz": imgsz}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a YOLOv8 .pt checkpoint to ONNX.")
+    parser.add_argument("source", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    return _child(args.source, args.out_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The one model setting to a runnable, checked model: :func:`resolve_model`.
+
+- A ``.pt`` checkpoint is converted once (:mod:`inference_service.model.export`) to ONNX and
+  OpenVINO IR and cached under ``<cache_dir>/<sha256 of the .pt>/``; later starts read the cache and
+  need neither torch nor ultralytics. The conversion goes to a temporary directory that is renamed
+  into place when complete, under an exclusive lock file, so that two processes starting together
+  convert once and never see half a cache entry.
+- An ``.onnx`` file is used as it is, its metadata read from its ``metadata_props``.
+- An OpenVINO IR directory (or its ``.xml``) is used as it is, its metadata read from
+  ``metadata.yaml`` beside it or from its rt_info.
+
+Anything that is not a YOLOv8 detection model is refused with a :class:`ModelError` that names what
+was found and what is expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from inference_service.errors import ModelError
+from inference_service.model.export import OPENVINO_NAME, export_onnx, onnx_to_openvino
+from inference_service.model.metadata import (
+    ModelMetadata,
+    read_onnx_metadata,
+    read_openvino_metadata,
+)
+from inference_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+METADATA_NAME = "metadata.json"
+"""Written last into a cache entry: its presence marks the entry complete."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    """A model ready to open in a backend (picklable: it is sent to worker processes)."""
+
+    source: Path
+    """The file or directory the operator named."""
+    sha256: str
+    """sha256 of the source file (of its ``.xml`` then ``.bin`` for an OpenVINO directory)."""
+    onnx_path: Path | None
+    """The ONNX file to run, if there is one."""
+    openvino_dir: Path | None
+    """The directory of the OpenVINO IR to run, if there is one."""
+    names: tuple[str, ...]
+    """Class names by class id."""
+    imgsz: tuple[int, int]
+    """Inference size (height, width): the letterbox target."""
+    stride: int
+    """The network's largest stride."""
+    task: str
+    """Always ``detect``."""
+    dynamic: bool
+    """True when the network takes any input height and width (rectangular letterbox)."""
+
+    @property
+    def openvino_xml(self) -> Path | None:
+        """The IR's ``.xml`` inside :attr:`openvino_dir`."""
+        if self.openvino_dir is None:
+            return None
+        return _find_xml(self.openvino_dir)
+
+
+def resolve_model(settings: Settings) -> ResolvedModel:
+    """Resolve ``settings.model`` (see the module docstring); raises :class:`ModelError`."""
+    source = settings.model.expanduser()
+    if not source.exists():
+        raise ModelError(
+            f"INFERENCE_MODEL={settings.model}: no such file or directory "
+            f"(working directory {Path.cwd()}); expected a YOLOv8 .pt, an .onnx file "
+            "or an OpenVINO IR directory"
+        )
+    if source.is_dir() or source.suffix.lower() == ".xml":
+        xml = _find_xml(source) if source.is_dir() else source
+        if xml is None:
+            raise ModelError(f"{source} is a directory without an OpenVINO IR (.xml + .bin)")
+        meta = read_openvino_metadata(xml)
+        digest = _sha256(xml, xml.with_suffix(".bin"))
+        resolved = _resolved(source, digest, None, xml.parent, meta)
+    elif source.suffix.lower() == ".onnx":
+        meta = read_onnx_metadata(source)
+        resolved = _resolved(source, _sha256(source), source, None, meta)
+    elif source.suffix.lower() in (".pt", ".pth"):
+        resolved = _from_checkpoint(source, settings.cache_path())
+    else:
+        raise ModelError(
+            f"INFERENCE_MODEL={source}: unknown model type {source.suffix or '(no suffix)'!r}; "
+            "expected a YOLOv8 .pt checkpoint, an .onnx file or an OpenVINO IR directory"
+        )
+    return _with_imgsz(resolved, settings.imgsz)
+
+
+def _resolved(
+    source: Path, digest: str, onnx: Path | None, ov_dir: Path | None, meta: ModelMetadata
+) -> ResolvedModel:
+    return ResolvedModel(
+        source=source.resolve(),
+        sha256=digest,
+        onnx_path=onnx.resolve() if onnx else None,
+        openvino_dir=ov_dir.resolve() if ov_dir else None,
+        names=meta.names,
+        imgsz=meta.imgsz,
+        stride=meta.stride,
+        task=meta.task,
+        dynamic=meta.dynamic,
+    )
+
+
+def _with_imgsz(model: ResolvedModel, imgsz: int | None) -> ResolvedModel:
+    """Apply ``INFERENCE_IMGSZ``, rounded up to a multiple of the stride as the reference does."""
+    if imgsz is None:
+        return model
+    side = max(math.ceil(imgsz / model.stride) * model.stride, model.stride)
+    if side != imgsz:
+        log.warning("INFERENCE_IMGSZ=%d is not a multiple of stride %d; using %d", imgsz, model.stride, side)
+    if not model.dynamic and (side, side) != model.imgsz:
+        raise ModelError(
+            f"INFERENCE_IMGSZ={imgsz}: {model.source} has a fixed input of "
+            f"{model.imgsz[0]}x{model.imgsz[1]}; unset INFERENCE_IMGSZ or export the model "
+            "with dynamic axes"
+        )
+    return ResolvedModel(
+        source=model.source,
+        sha256=model.sha256,
+        onnx_path=model.onnx_path,
+        openvino_dir=model.openvino_dir,
+        names=model.names,
+        imgsz=(side, side),
+        stride=model.stride,
+        task=model.task,
+        dynamic=model.dynamic,
+    )
+
+
+def _from_checkpoint(source: Path, cache: Path) -> ResolvedModel:
+    digest = _sha256(source)
+    entry = cache / digest
+    if not (entry / METADATA_NAME).is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with _exclusive(cache / f"{digest}.lock"):
+            if not (entry / METADATA_NAME).is_file():
+                _convert(source, entry, cache)
+    meta = ModelMetadata.from_json((entry / METADATA_NAME).read_text())
+    log.info("model %s (sha256 %s) from cache %s", source, digest[:12], entry)
+    return _resolved(source, digest, entry / "model.onnx", entry, meta)
+
+
+def _convert(source: Path, entry: Path, cache: Path) -> None:
+    tmp = cache / f".tmp-{entry.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        onnx = export_onnx(source, tmp, config_dir=cache / "ultralytics")
+        meta = read_onnx_metadata(onnx)
+        onnx_to_openvino(onnx, tmp)
+        (tmp / METADATA_NAME).write_text(meta.to_json())
+        shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry left by a crash
+        tmp.rename(entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _find_xml(directory: Path) -> Path | None:
+    preferred = directory / OPENVINO_NAME
+    if preferred.is_file():
+        return preferred
+    candidates = sorted(p for p in directory.glob("*.xml") if p.with_suffix(".bin").is_file())
+    return candidates[0] if candidates else None
+
+
+def _sha256(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            with path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise ModelError(f"cannot read {path}: {exc}") from None
+    return digest.hexdigest()

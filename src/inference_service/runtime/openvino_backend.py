@@ -1,0 +1,165 @@
+"""OpenVINO backend (CPU, or GPU where asked for and present), fp32 or bf16.
+
+The model is read once; for each input shape a copy reshaped to that static shape is compiled and
+cached (static shapes run faster than a dynamic-shape compilation on the CPU plugin), with a small
+pool of infer requests per shape so that several threads infer at once. ``infer`` releases the
+GIL while the network runs.
+
+Configuration as compiled: ``INFERENCE_PRECISION_HINT`` set explicitly (``f32`` for fp32: on a CPU
+with native bf16 OpenVINO would otherwise pick bf16 itself; ``bf16`` for bf16),
+``INFERENCE_NUM_THREADS`` = ``threads``, ``PERFORMANCE_HINT`` (``LATENCY`` by default, one stream;
+``THROUGHPUT`` lets ``streams`` requests run in parallel), and CPU pinning off by default so that
+several single-threaded worker processes are not pinned onto the same core.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference_service.errors import ConfigError, ModelError
+from inference_service.runtime.base import Batch, HeadOutput
+
+log = logging.getLogger(__name__)
+
+MAX_SHAPES = 32
+"""Most input shapes kept compiled at once (least recently used dropped first)."""
+
+_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+@dataclass(slots=True)
+class _Compiled:
+    """A model compiled for one input shape and its idle infer requests."""
+
+    model: Any
+    limit: int
+    idle: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    created: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def acquire(self) -> Any:
+        try:
+            return self.idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self.lock:
+            if self.created < self.limit:
+                self.created += 1
+                return self.model.create_infer_request()
+        return self.idle.get()
+
+    def release(self, request: Any) -> None:
+        self.idle.put(request)
+
+
+class OpenVinoBackend:
+    """An OpenVINO model compiled per input shape, thread-safe."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        precision: str = "fp32",
+        threads: int = 1,
+        hint: str = "LATENCY",
+        streams: int | None = None,
+        device: str = "CPU",
+        pinning: bool = False,
+        max_requests: int = 8,
+    ) -> None:
+        if precision not in _PRECISION_HINTS:
+            raise ConfigError(f"INFERENCE_PRECISION={precision}: expected fp32 or bf16")
+        hint = hint.upper()
+        if hint not in ("LATENCY", "THROUGHPUT"):
+            raise ConfigError(f"OpenVINO performance hint {hint!r}: expected LATENCY or THROUGHPUT")
+        import openvino as ov
+
+        self._core = ov.Core()
+        if device not in self._core.available_devices:
+            raise ConfigError(
+                f"OpenVINO device {device} is not present "
+                f"(available: {', '.join(self._core.available_devices)})"
+            )
+        if precision == "bf16" and device == "CPU":
+            capabilities = self._core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            if "BF16" not in capabilities:
+                raise ConfigError(
+                    "INFERENCE_PRECISION=bf16: this CPU has no native bf16 "
+                    f"(capabilities: {', '.join(capabilities)}); use fp32"
+                )
+        try:
+            self._model = self._core.read_model(str(model_path))
+        except Exception as exc:  # OpenVINO raises untyped RuntimeErrors for bad files
+            raise ModelError(f"OpenVINO cannot read {model_path}: {exc}") from exc
+        self._config: dict[str, Any] = {
+            "PERFORMANCE_HINT": hint,
+            "INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision],
+        }
+        if device == "CPU":
+            self._config["INFERENCE_NUM_THREADS"] = max(1, threads)
+            self._config["ENABLE_CPU_PINNING"] = pinning
+        if streams is not None:
+            self._config["NUM_STREAMS"] = streams
+        self._device = device
+        self._precision = precision
+        self._name = "openvino" if device == "CPU" else f"openvino-{device.lower()}"
+        self._max_requests = max(1, max_requests)
+        self._compiled: OrderedDict[tuple[int, ...], _Compiled] = OrderedDict()
+        self._lock = threading.Lock()
+        log.info(
+            "OpenVINO %s read %s for %s (%s)",
+            ov.get_version(),
+            model_path,
+            device,
+            ", ".join(f"{k}={v}" for k, v in self._config.items()),
+        )
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    def infer(self, batch: Batch) -> HeadOutput:
+        compiled = self._for_shape(tuple(int(d) for d in batch.shape))
+        request = compiled.acquire()
+        try:
+            request.infer({0: batch}, share_inputs=True)
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        finally:
+            compiled.release(request)
+
+    def _for_shape(self, shape: tuple[int, ...]) -> _Compiled:
+        with self._lock:
+            compiled = self._compiled.get(shape)
+            if compiled is not None:
+                self._compiled.move_to_end(shape)
+                return compiled
+            compiled = self._compile(shape)
+            self._compiled[shape] = compiled
+            while len(self._compiled) > MAX_SHAPES:
+                self._compiled.popitem(last=False)
+            return compiled
+
+    def _compile(self, shape: tuple[int, ...]) -> _Compiled:
+        model = self._model.clone()
+        model.reshape({model.input(0).any_name: list(shape)})
+        compiled = self._core.compile_model(model, self._device, self._config)
+        optimal = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        limit = max(optimal, self._max_requests)
+        log.info("OpenVINO compiled input shape %s (%d requests at most)", shape, limit)
+        return _Compiled(model=compiled, limit=limit)
+
+    def close(self) -> None:
+        with self._lock:
+            self._compiled.clear()

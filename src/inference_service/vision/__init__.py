@@ -1,0 +1,30 @@
+"""Pixels in, boxes out, with numpy and OpenCV only: decode, letterbox, YOLOv8 post-processing, drawing.
+
+Nothing here knows about models files or runtimes; every step matches the behaviour of the
+reference implementation (ultralytics' predict) so that detections agree with it.
+"""
+
+from inference_service.vision.decode import ImageBGR, decode_image, image_size
+from inference_service.vision.letterbox import (
+    LetterboxGeometry,
+    Tensor,
+    letterbox,
+    letterbox_geometry,
+    to_tensor,
+)
+from inference_service.vision.postprocess import RawDetections, nms, postprocess, scale_boxes
+
+__all__ = [
+    "ImageBGR",
+    "LetterboxGeometry",
+    "RawDetections",
+    "Tensor",
+    "decode_image",
+    "image_size",
+    "letterbox",
+    "letterbox_geometry",
+    "nms",
+    "postprocess",
+    "scale_boxes",
+    "to_tensor",
+]
