@@ -1,0 +1,57 @@
+# Developer entry points. `make test` works on a fresh machine: it builds .venv, starts the local
+# stack (real Kafka + S3 on loopback), runs pytest against it and stops what it started.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP_INSTALL_ARGS ?=
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+.PHONY: help venv test lint demo stack-up stack-down
+
+help:
+	@echo "make venv        create .venv and install the package with [export,dev]"
+	@echo "make test        venv, stack up, pytest, stack down (a stack that already ran stays up)"
+	@echo "make lint        ruff check, ruff format --check, mypy"
+	@echo "make demo        venv, stack up, demo round trip, stack down"
+	@echo "make stack-up    start the local stack (eval \"\$$(scripts/stack up)\" to configure a shell)"
+	@echo "make stack-down  stop the local stack"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); fi
+	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
+	$(PY) -m pip install --disable-pip-version-check -q $(PIP_INSTALL_ARGS) -e '.[export,dev]'
+	@if ! command -v ss >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing iproute2 (ss) for the stack's loopback test"; \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -qq </dev/null; \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq iproute2 </dev/null; \
+	fi
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# `scripts/stack run` starts what is not running, runs the command with the stack's environment,
+# stops only the servers it started and exits with the command's status.
+test: venv
+	scripts/stack run -- $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+demo: venv
+	scripts/stack run -- $(PY) scripts/demo_roundtrip.py
+
+stack-up: venv
+	scripts/stack up
+
+stack-down:
+	scripts/stack down
