@@ -459,6 +459,14 @@ class DetectorPool:
     def threads(self) -> int:
         return self._threads
 
+    @property
+    def pullers(self) -> int:
+        return self._pullers
+
+    @property
+    def in_flight_per_worker(self) -> int:
+        return self._cap
+
     async def _submit(self, payload: bytes | _RawFrame) -> FrameDetections:
         if not self._started or self._closing.is_set():
             raise ConfigError("the detector pool is not running: await pool.start() first")

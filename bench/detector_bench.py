@@ -1,0 +1,575 @@
+"""Detector throughput on this machine: the original design vs the service's pool, same frames.
+
+Usage::
+
+    python bench/detector_bench.py [--quick] [--sweep] [--frames N] [--repeats R]
+
+Writes ``bench/results/detector.md`` and ``detector.json`` (``--sweep``: ``sweep.md``/``.json``,
+the processes × threads grid behind ``plan_workers``). Every configuration sees the same 1280x720
+JPEG frames (rendered with ``scripts/synthetic.py``) through a closed-loop client that keeps the
+design's in-flight capacity busy, so latencies are service times plus the queueing that capacity
+implies, not the time a frame waits behind all others.
+
+* ``reference``: the original specification's design, ultralytics ``predict`` on each frame in a
+  ``ProcessPoolExecutor`` of 2 spawned workers with one model each;
+* ``pool``: :class:`inference_service.pool.DetectorPool` for each runtime and precision;
+* ``detect command``: ``inference-service detect`` on a folder of the frames, start-up included.
+
+Models: the test model (``models/test/best.pt``) when present, and yolov8n / yolov8s built from
+their yaml (random weights: speed does not depend on them). ``ultralytics`` and ``torch`` are
+imported only in helper processes, so their thread settings never leak into the measured parent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import datetime as dt
+import json
+import multiprocessing
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+RESULTS = ROOT / "bench" / "results"
+TEST_MODEL = ROOT / "models" / "test" / "best.pt"
+WIDTH, HEIGHT = 1280, 720
+BF16_PEAK_NOTES = 817.0
+"""Sustained bf16 GEMM on 2 cores (GFLOP/s), from shared/notes/cpu-inference.md."""
+
+
+# --------------------------------------------------------------------------------------------
+# Facts, frames, models
+
+
+def machine_facts() -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni")
+    return {
+        "cpu": model,
+        "cpus_available": len(os.sched_getaffinity(0)),
+        "cpu_flags": [f for f in wanted if f" {f}" in flags],
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+    }
+
+
+def gemm_gflops(n: int, repeats: int) -> float:
+    """Sustained numpy fp32 matmul rate (GFLOP/s, 2 flops per multiply-add), best of repeats."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up: thread pool, page faults
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def render_frames(count: int) -> list[bytes]:
+    """``count`` 1280x720 JPEG frames (cached in bench/out/frames)."""
+    import cv2
+
+    folder = OUT / "frames"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"frame_{i:03d}.jpg" for i in range(count)]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        render = _scene_renderer()
+        rng = np.random.default_rng(1234)
+        for path in paths:
+            image = render(rng)
+            if not path.exists():
+                cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return [p.read_bytes() for p in paths]
+
+
+def _scene_renderer() -> Callable[[np.random.Generator], Any]:
+    script = ROOT / "scripts" / "synthetic.py"
+    if script.exists():
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_synthetic", script)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_synthetic"] = module
+        spec.loader.exec_module(module)
+        return lambda rng: module.render_scene(rng, WIDTH, HEIGHT)[0]
+
+    def textured(rng: np.random.Generator) -> Any:
+        import cv2
+
+        noise = rng.integers(0, 255, (HEIGHT // 8, WIDTH // 8, 3), dtype=np.uint8)
+        image = cv2.resize(noise, (WIDTH, HEIGHT), interpolation=cv2.INTER_CUBIC)
+        for _ in range(6):
+            centre = (int(rng.integers(0, WIDTH)), int(rng.integers(0, HEIGHT)))
+            colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+            cv2.circle(image, centre, int(rng.integers(20, 150)), colour, -1)
+        return image
+
+    return textured
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    name: str
+    path: Path
+    gflops: float
+    """Per frame at the network input the reference uses for a 1280x720 frame."""
+    input_hw: tuple[int, int]
+
+
+def _ultralytics_env() -> dict[str, str]:
+    return {
+        "YOLO_OFFLINE": "1",
+        "YOLO_AUTOINSTALL": "False",
+        "YOLO_VERBOSE": "False",
+        "YOLO_CONFIG_DIR": str(OUT / "yolo-config"),
+    }
+
+
+def _prepare_model(source: str, target: str) -> tuple[float, tuple[int, int]]:
+    """In a helper process: build ``target`` from a yaml (if ``source`` is one), count its FLOPs."""
+    os.environ.update(_ultralytics_env())
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from ultralytics.models import YOLO
+
+    if source.endswith(".yaml") and not Path(target).exists():
+        YOLO(source).save(target)
+    model = YOLO(target)
+    imgsz = int(model.overrides.get("imgsz", 640) or 640)
+    scale = min(imgsz / WIDTH, imgsz / HEIGHT)
+    h = (round(HEIGHT * scale) + 31) // 32 * 32
+    w = (round(WIDTH * scale) + 31) // 32 * 32
+    net = model.model.float().eval()  # type: ignore[union-attr]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 3, h, w))
+    return counter.get_total_flops() / 1e9, (h, w)
+
+
+def prepare_models(names: list[str]) -> list[ModelCase]:
+    OUT.mkdir(parents=True, exist_ok=True)
+    jobs: list[tuple[str, str, Path]] = []
+    for name in names:
+        if name == "test":
+            if TEST_MODEL.exists():
+                jobs.append((name, str(TEST_MODEL), TEST_MODEL))
+            else:
+                log_line(f"skip test model: {TEST_MODEL} not found")
+        else:
+            target = OUT / f"{name}.pt"
+            jobs.append((name, f"{name}.yaml", target))
+    ctx = multiprocessing.get_context("spawn")
+    cases = []
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+        for name, source, target in jobs:
+            gflops, hw = ex.submit(_prepare_model, source, str(target)).result()
+            cases.append(ModelCase(name, target, gflops, hw))
+            log_line(f"model {name}: {target} — {gflops:.2f} GFLOPs at {hw[0]}x{hw[1]}")
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+
+
+@dataclass
+class Measurement:
+    model: str
+    design: str
+    runtime: str
+    precision: str
+    processes: int
+    threads: int
+    in_flight: int
+    fps: float = 0.0
+    fps_repeats: list[float] = field(default_factory=list)
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    note: str = ""
+    error: str = ""
+
+
+def _summarise(m: Measurement, walls: list[float], latencies: list[float], frames: int) -> None:
+    m.fps_repeats = [round(frames / w, 2) for w in walls]
+    m.fps = statistics.median(frames / w for w in walls)
+    lat = np.array(latencies) * 1000
+    m.p50_ms = float(np.percentile(lat, 50))
+    m.p95_ms = float(np.percentile(lat, 95))
+
+
+_REF_MODEL: Any = None
+
+
+def _reference_init(path: str) -> None:
+    global _REF_MODEL
+    os.environ.update(_ultralytics_env())
+    from ultralytics.models import YOLO
+
+    _REF_MODEL = YOLO(path)
+    _reference_frame(_encoded_gray())  # warm-up: first predict builds the predictor
+
+
+def _encoded_gray() -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", np.full((HEIGHT, WIDTH, 3), 114, np.uint8))
+    return bytes(buf) if ok else b""
+
+
+def _reference_frame(data: bytes) -> list[dict[str, Any]]:
+    """The original design's per-frame work: decode, predict, results to plain data."""
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    result = _REF_MODEL.predict(image, conf=0.25, iou=0.45, verbose=False)[0]
+    boxes = result.boxes
+    return [
+        {"class_id": int(c), "confidence": float(p), "bbox": [float(v) for v in xyxy]}
+        for c, p, xyxy in zip(
+            boxes.cls.tolist(), boxes.conf.tolist(), boxes.xyxy.tolist(), strict=True
+        )
+    ]
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def run_reference(case: ModelCase, frames: list[bytes], repeats: int) -> Measurement:
+    workers, in_flight = 2, 4
+    m = Measurement(case.name, "reference", "ultralytics/torch", "fp32", workers, 1, in_flight)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_reference_init, initargs=(str(case.path),)
+    ) as ex:
+        # Start and warm both workers before timing.
+        list(ex.map(_reference_frame, frames[:workers]))
+        m.threads = ex.submit(_torch_threads).result()
+        walls, latencies = [], []
+        for _ in range(repeats):
+            wall, lat = _closed_loop_sync(ex, frames, in_flight)
+            walls.append(wall)
+            latencies.extend(lat)
+    _summarise(m, walls, latencies, len(frames))
+    return m
+
+
+def _closed_loop_sync(
+    ex: concurrent.futures.Executor, frames: list[bytes], concurrency: int
+) -> tuple[float, list[float]]:
+    started: dict[concurrent.futures.Future[Any], float] = {}
+    latencies: list[float] = []
+    it = iter(frames)
+    t0 = time.perf_counter()
+
+    def submit_next() -> None:
+        data = next(it, None)
+        if data is not None:
+            started[ex.submit(_reference_frame, data)] = time.perf_counter()
+
+    for _ in range(concurrency):
+        submit_next()
+    while started:
+        done, _ = concurrent.futures.wait(started, return_when=concurrent.futures.FIRST_COMPLETED)
+        for fut in done:
+            fut.result()
+            latencies.append(time.perf_counter() - started.pop(fut))
+            submit_next()
+    return time.perf_counter() - t0, latencies
+
+
+def run_pool(
+    case: ModelCase,
+    frames: list[bytes],
+    repeats: int,
+    runtime: str,
+    precision: str,
+    processes: int | None = None,
+    threads: int | None = None,
+    pullers: int | None = None,
+    in_flight: int | None = None,
+) -> Measurement:
+    from inference_service.errors import InferenceError
+    from inference_service.pool import DetectorPool
+    from inference_service.settings import load_settings
+
+    settings = load_settings(
+        {
+            "model": str(case.path),
+            "runtime": runtime,
+            "precision": precision,
+            "cache_dir": str(OUT / "cache"),
+        }
+    )
+    pool = DetectorPool(
+        settings,
+        processes=processes,
+        threads=threads,
+        pullers=pullers,
+        in_flight_per_worker=in_flight,
+    )
+    m = Measurement(case.name, "pool", runtime, precision, pool.processes, pool.threads, 0)
+
+    async def go() -> tuple[list[float], list[float]]:
+        async with pool:
+            m.in_flight = pool.processes * pool.in_flight_per_worker
+            m.note = f"{pool.pullers} pullers/process; {pool.info.runtime}"
+            await _closed_loop_async(pool, frames[: max(4, m.in_flight)], m.in_flight)
+            walls, latencies = [], []
+            for _ in range(repeats):
+                wall, lat = await _closed_loop_async(pool, frames, m.in_flight)
+                walls.append(wall)
+                latencies.extend(lat)
+            return walls, latencies
+
+    try:
+        walls, latencies = asyncio.run(go())
+    except InferenceError as exc:
+        m.error = str(exc).splitlines()[0][:200]
+        return m
+    _summarise(m, walls, latencies, len(frames))
+    return m
+
+
+async def _closed_loop_async(
+    pool: Any, frames: list[bytes], concurrency: int
+) -> tuple[float, list[float]]:
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+
+    async def one(data: bytes) -> None:
+        async with gate:
+            t = time.perf_counter()
+            await pool.detect(data)
+            latencies.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(f) for f in frames))
+    return time.perf_counter() - t0, latencies
+
+
+def run_detect_command(case: ModelCase, runtime: str, precision: str, frames: int) -> Measurement:
+    m = Measurement(case.name, "detect command", runtime, precision, 0, 0, 0)
+    exe = Path(sys.executable).with_name("inference-service")
+    cmd = [
+        str(exe), "detect", str(OUT / "frames"), "--out", str(OUT / "detect.jsonl"),
+        "--model", str(case.path), "--runtime", runtime, "--precision", precision,
+        "--cache-dir", str(OUT / "cache"),
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        m.error = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+        return m
+    lines = (OUT / "detect.jsonl").read_text().splitlines()
+    m.fps = len(lines) / wall
+    m.fps_repeats = [round(m.fps, 2)]
+    m.note = f"{len(lines)} frames, one run, wall time including process and model start-up"
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def log_line(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def _row(m: Measurement, case: ModelCase, ref_fps: float, gemm: float) -> str:
+    if m.error:
+        return (
+            f"| {m.model} | {m.design} | {m.runtime} | {m.precision} | "
+            f"{_shape(m)} | — | — | — | — | — | failed: {m.error} |"
+        )
+    achieved = m.fps * case.gflops
+    ratio = f"{m.fps / ref_fps:.2f}×" if ref_fps else "—"
+    lat = f"{m.p50_ms:.0f} | {m.p95_ms:.0f}" if m.p50_ms else "— | —"
+    limit = f"{achieved / gemm:.0%}"
+    if m.precision == "bf16":
+        limit += f" ({achieved / BF16_PEAK_NOTES:.0%} of bf16)"
+    return (
+        f"| {m.model} | {m.design} | {m.runtime} | {m.precision} | {_shape(m)} | "
+        f"{m.fps:.1f} | {lat} | {ratio} | {achieved:.0f} | {limit} | {m.note} |"
+    )
+
+
+def _shape(m: Measurement) -> str:
+    if not m.processes:
+        return "auto"
+    return f"{m.processes}×{m.threads}, {m.in_flight} in flight"
+
+
+def write_report(
+    name: str,
+    facts: dict[str, Any],
+    gemm: float,
+    cases: list[ModelCase],
+    results: list[Measurement],
+    frames: int,
+    repeats: int,
+) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# Detector benchmark ({name})",
+        "",
+        f"- command: `{facts['command']}`",
+        f"- date: {facts['date']}",
+        f"- CPU: {facts['cpu']}, {facts['cpus_available']} CPUs available, "
+        f"flags {', '.join(facts['cpu_flags'])}",
+        f"- frames: {frames} synthetic 1280x720 JPEGs; medians of {repeats} repeats; "
+        "closed-loop client keeping each design's in-flight capacity busy",
+        f"- compute limit: numpy fp32 GEMM measured now: {gemm:.0f} GFLOP/s; bf16 peak from the "
+        f"notes: {BF16_PEAK_NOTES:.0f} GFLOP/s",
+        "",
+    ]
+    for case in cases:
+        lines.append(
+            f"- {case.name}: `{case.path.relative_to(ROOT)}`, {case.gflops:.2f} GFLOPs/frame "
+            f"at {case.input_hw[0]}x{case.input_hw[1]}; fp32 compute limit "
+            f"{gemm / case.gflops:.0f} frames/s"
+        )
+    lines += [
+        "",
+        "| model | design | runtime | precision | processes×threads | frames/s | p50 ms | "
+        "p95 ms | vs reference | GFLOP/s | of fp32 GEMM | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_name = {c.name: c for c in cases}
+    for case in cases:
+        ref = next(
+            (r.fps for r in results if r.model == case.name and r.design == "reference"), 0.0
+        )
+        lines += [_row(m, by_name[m.model], ref, gemm) for m in results if m.model == case.name]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    payload = {
+        "machine": facts,
+        "gemm_fp32_gflops": gemm,
+        "bf16_peak_gflops_notes": BF16_PEAK_NOTES,
+        "frames": frames,
+        "repeats": repeats,
+        "models": [{**asdict(c), "path": str(c.path)} for c in cases],
+        "results": [asdict(m) for m in results],
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    log_line(f"wrote {RESULTS / name}.md and .json")
+
+
+# --------------------------------------------------------------------------------------------
+# Plans
+
+
+RUNTIMES: tuple[tuple[str, str], ...] = (
+    ("onnxruntime", "fp32"),
+    ("onnxruntime", "bf16"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+)
+
+
+def main_plan(
+    cases: list[ModelCase], frames: list[bytes], repeats: int, with_command: bool
+) -> Iterator[Measurement]:
+    for case in cases:
+        log_line(f"{case.name}: reference (ultralytics, ProcessPoolExecutor × 2) ...")
+        yield run_reference(case, frames, repeats)
+        for runtime, precision in RUNTIMES:
+            log_line(f"{case.name}: pool {runtime}/{precision} ...")
+            yield run_pool(case, frames, repeats, runtime, precision)
+        if with_command:
+            log_line(f"{case.name}: detect command (openvino/bf16) ...")
+            yield run_detect_command(case, "openvino", "bf16", len(frames))
+
+
+SWEEP: tuple[tuple[int, int, int, int], ...] = (
+    # processes, inference threads, pullers per process, in flight per process
+    (1, 2, 2, 3),
+    (1, 2, 4, 6),
+    (2, 1, 1, 2),
+    (2, 1, 2, 3),
+    (2, 1, 3, 4),
+    (2, 2, 2, 3),
+    (4, 1, 1, 2),
+)
+
+
+def sweep_plan(cases: list[ModelCase], frames: list[bytes], repeats: int) -> Iterator[Measurement]:
+    for case in cases:
+        for runtime, precision in RUNTIMES:
+            for p, t, pullers, in_flight in SWEEP:
+                log_line(f"{case.name}: {runtime}/{precision} {p}×{t}, {pullers} pullers ...")
+                yield run_pool(case, frames, repeats, runtime, precision, p, t, pullers, in_flight)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer frames and repeats, no yolov8s")
+    parser.add_argument("--sweep", action="store_true", help="processes × threads grid (yolov8n)")
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--models", default=None, help="comma-separated: test,yolov8n,yolov8s")
+    args = parser.parse_args(argv)
+    os.environ.update(_ultralytics_env())  # for every helper process spawned from here
+    frames_n = args.frames or (24 if args.quick else 64)
+    repeats = args.repeats or (2 if args.quick else 3)
+    facts = machine_facts()
+    t_start = time.monotonic()
+    log_line(f"{facts['cpu']}, {facts['cpus_available']} CPUs; measuring fp32 GEMM ...")
+    gemm = gemm_gflops(2048 if args.quick else 4096, 3 if args.quick else 5)
+    log_line(f"numpy fp32 GEMM: {gemm:.0f} GFLOP/s")
+    frames = render_frames(frames_n)
+    default_models = (
+        "yolov8n" if args.sweep else ("test,yolov8n" if args.quick else "test,yolov8n,yolov8s")
+    )
+    cases = prepare_models((args.models or default_models).split(","))
+    results: list[Measurement] = []
+    plan = (
+        sweep_plan(cases, frames, repeats)
+        if args.sweep
+        else main_plan(cases, frames, repeats, with_command=True)
+    )
+    for m in plan:
+        results.append(m)
+        if m.error:
+            log_line(f"  failed: {m.error}")
+        else:
+            log_line(f"  {m.fps:.1f} frames/s, p50 {m.p50_ms:.0f} ms, p95 {m.p95_ms:.0f} ms")
+    write_report(
+        "sweep" if args.sweep else "detector", facts, gemm, cases, results, frames_n, repeats
+    )
+    log_line(f"done in {time.monotonic() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
