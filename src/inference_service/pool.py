@@ -316,6 +316,7 @@ class DetectorPool:
         self._started = False
         self._stopped = False
         self._all_ready = threading.Event()
+        self._ever_ready = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -554,6 +555,7 @@ class DetectorPool:
                     self._info = message[1]
                 if len(self._workers) == self._processes and all(w.ready for w in self._workers):
                     self._all_ready.set()
+                    self._ever_ready = True
                 self._dispatch_locked()
             log.info(
                 "detector worker %d ready (pid %s) in %.1f s",
@@ -600,7 +602,9 @@ class DetectorPool:
             streak = self._crash_streak.get(worker.index, 0) + (0 if worker.ready else 1)
             self._crash_streak[worker.index] = streak
             delay = 0.0 if streak == 0 else min(0.25 * 2 ** (streak - 1), 10.0)
-            self._respawn_at[worker.index] = time.monotonic() + delay
+            # While start() fails with a worker's own load error, nothing is respawned.
+            if self._fatal is None or self._ever_ready:
+                self._respawn_at[worker.index] = time.monotonic() + delay
             self._dispatch_locked()
         self._close_channels(worker)
         log.warning(

@@ -1,4 +1,4 @@
-"""``inference-service detect`` end to end with the real test model (images, a video, bad inputs)."""
+"""``inference-service detect`` end to end with the real test model: images, a video, bad input."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         cv2.imwrite(str(folder / f"img_{i}.jpg"), _scene(rng, 480, 320))
     (folder / "notes.txt").write_text("not an image: skipped inside folders")
     video = base / "clip.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (320, 240))
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"MJPG"), 10.0, (320, 240))
     assert writer.isOpened()
     for _ in range(VIDEO_FRAMES):
         writer.write(_scene(rng, 320, 240))
