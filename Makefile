@@ -55,3 +55,9 @@ stack-up: venv
 
 stack-down:
 	scripts/stack down
+
+# Detector throughput: the original design vs the pool, per runtime and precision (< 15 min;
+# BENCH_ARGS=--quick for a short run, --sweep for the processes × threads grid behind auto).
+.PHONY: bench-detector
+bench-detector: venv
+	$(PY) bench/detector_bench.py $(BENCH_ARGS)
