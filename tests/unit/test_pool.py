@@ -61,6 +61,10 @@ class FakeDetector:
         width = int(text.split(":", 1)[1])
         return FrameDetections(ImageSize(width, os.getpid()), (), 0.0, 0.0, 0.0, 0.0)
 
+    def detect_array(self, image: Any) -> FrameDetections:
+        h, w = image.shape[:2]
+        return FrameDetections(ImageSize(w, h), (), float(image.sum()), 0.0, 0.0, 0.0)
+
 
 @dataclass(frozen=True)
 class FakeFactory:
@@ -93,6 +97,22 @@ def test_results_match_their_frames_in_order() -> None:
             assert stats.in_flight == 0
             assert stats.batch_sizes == {1: 50}
         assert not pool.ready()
+
+    run(go())
+
+
+def test_decoded_frames_travel_as_raw_buffers() -> None:
+    import numpy as np
+
+    async def go() -> None:
+        async with DetectorPool(settings(), FakeFactory(), processes=1, threads=1) as pool:
+            image = np.zeros((7, 5, 3), dtype=np.uint8)
+            image[1, 2] = (1, 2, 3)
+            result = await pool.detect_array(image)
+            assert (result.image.width, result.image.height) == (5, 7)
+            assert result.decode_ms == 6.0
+            with pytest.raises(ValueError, match="H×W×3"):
+                await pool.detect_array(np.zeros((4, 4), dtype=np.uint8))
 
     run(go())
 
