@@ -85,7 +85,7 @@ class YoloDetector:
         return self._run(image, decode_ms)
 
     def detect_array(self, image: ImageBGR) -> FrameDetections:
-        """Detections of an already decoded ``(h, w, 3)`` BGR ``uint8`` frame (e.g. a video frame)."""
+        """Detections of a decoded ``(h, w, 3)`` BGR ``uint8`` frame (e.g. a video frame)."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise UndecodableFrameError(
                 f"expected an (h, w, 3) uint8 BGR frame, got {image.shape} {image.dtype}"
@@ -134,7 +134,7 @@ class YoloDetector:
             for b, s, c in zip(boxes, scores, class_ids, strict=True)
         )
 
-    def warm_up(self, frame_hw: Sequence[int] = WARMUP_FRAME_HW) -> None:
+    def warmup(self, frame_hw: Sequence[int] = WARMUP_FRAME_HW) -> None:
         """Run the whole path once on a grey frame (compiles the backend for that input shape)."""
         frame = np.full((int(frame_hw[0]), int(frame_hw[1]), 3), 114, dtype=np.uint8)
         start = time.perf_counter()
@@ -164,7 +164,9 @@ def load_detector(
     ``threads``: inference threads of this detector (per worker process). Runtime ``auto``
     measures both CPU runtimes once per CPU model and model (cached in the cache directory).
     """
-    probe = letterbox_geometry(WARMUP_FRAME_HW, resolved.imgsz, resolved.stride, auto=resolved.dynamic)
+    probe = letterbox_geometry(
+        WARMUP_FRAME_HW, resolved.imgsz, resolved.stride, auto=resolved.dynamic
+    )
     backend = open_backend(
         model_files(resolved),
         settings.runtime,
@@ -184,7 +186,7 @@ def load_detector(
         max_frame_bytes=settings.max_frame_bytes,
         max_frame_pixels=settings.max_frame_pixels,
     )
-    detector.warm_up()
+    detector.warmup()
     log.info(
         "detector ready: %s (sha256 %s), %s, imgsz %s, %d threads",
         resolved.source.name,

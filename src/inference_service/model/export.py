@@ -1,4 +1,4 @@
-"""Convert a ``.pt`` checkpoint to ONNX (and ONNX to OpenVINO IR): the only user of ultralytics/torch.
+"""Convert a ``.pt`` checkpoint to ONNX, and ONNX to OpenVINO IR; the only user of ultralytics.
 
 The conversion runs in a child process (``python -m inference_service.model.export``) so that
 torch and ultralytics never load into the service's own process (nor into the worker processes it
@@ -26,6 +26,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from inference_service.errors import ModelError
 
@@ -92,10 +93,10 @@ def onnx_to_openvino(onnx_path: Path, out_dir: Path) -> Path:
 
 def _child(source: Path, out_dir: Path) -> int:
     """The child process: load with ultralytics, check it is a YOLOv8 detector, export."""
-    from ultralytics import YOLO
+    yolo_class: Any = importlib.import_module("ultralytics").YOLO
 
     try:
-        yolo = YOLO(str(source), task=None)
+        yolo = yolo_class(str(source))
     except Exception as exc:  # whatever torch.load or ultralytics raise for a bad file
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return _EXIT_UNREADABLE
@@ -113,7 +114,7 @@ def _child(source: Path, out_dir: Path) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "model.pt"
     shutil.copyfile(source, work)
-    exported = YOLO(str(work)).export(
+    exported = yolo_class(str(work)).export(
         format="onnx", dynamic=True, simplify=True, imgsz=imgsz, batch=1, device="cpu", half=False
     )
     work.unlink()

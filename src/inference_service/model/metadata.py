@@ -9,6 +9,7 @@ the serving dependencies only (ONNX Runtime, OpenVINO; PyYAML when installed).
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -57,7 +58,7 @@ class ModelMetadata:
 
 
 def read_onnx_metadata(path: Path) -> ModelMetadata:
-    """Metadata of an ultralytics ONNX export; :class:`ModelError` if it is not a YOLOv8 detector."""
+    """Metadata of an ultralytics ONNX export; :class:`ModelError` unless a YOLOv8 detector."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -66,7 +67,9 @@ def read_onnx_metadata(path: Path) -> ModelMetadata:
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises untyped errors for files that are not ONNX
-        raise ModelError(f"{path} is not a readable ONNX model ({exc}); expected {EXPECTED}") from None
+        raise ModelError(
+            f"{path} is not a readable ONNX model ({exc}); expected {EXPECTED}"
+        ) from None
     props: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or len(outputs) != 1:
@@ -90,7 +93,9 @@ def read_openvino_metadata(xml: Path) -> ModelMetadata:
     try:
         model = ov.Core().read_model(str(xml))
     except Exception as exc:  # OpenVINO raises untyped RuntimeErrors for bad files
-        raise ModelError(f"{xml} is not a readable OpenVINO IR ({exc}); expected {EXPECTED}") from None
+        raise ModelError(
+            f"{xml} is not a readable OpenVINO IR ({exc}); expected {EXPECTED}"
+        ) from None
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ModelError(
             f"{xml} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
@@ -115,7 +120,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        import yaml
+        yaml: Any = importlib.import_module("yaml")
     except ImportError:
         log.warning("PyYAML is not installed: %s ignored, reading the IR's rt_info only", path)
         return {}

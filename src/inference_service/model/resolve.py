@@ -123,7 +123,9 @@ def _with_imgsz(model: ResolvedModel, imgsz: int | None) -> ResolvedModel:
         return model
     side = max(math.ceil(imgsz / model.stride) * model.stride, model.stride)
     if side != imgsz:
-        log.warning("INFERENCE_IMGSZ=%d is not a multiple of stride %d; using %d", imgsz, model.stride, side)
+        log.warning(
+            "INFERENCE_IMGSZ=%d is not a multiple of stride %d; using %d", imgsz, model.stride, side
+        )
     if not model.dynamic and (side, side) != model.imgsz:
         raise ModelError(
             f"INFERENCE_IMGSZ={imgsz}: {model.source} has a fixed input of "

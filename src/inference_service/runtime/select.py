@@ -89,7 +89,9 @@ def _openvino(
     )
 
 
-def _onnxruntime(model: ModelFiles, precision: str, threads: int, *, cuda: bool) -> InferenceBackend:
+def _onnxruntime(
+    model: ModelFiles, precision: str, threads: int, *, cuda: bool
+) -> InferenceBackend:
     from inference_service.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     if model.onnx is None:

@@ -1,4 +1,4 @@
-"""Pixels in, boxes out, with numpy and OpenCV only: decode, letterbox, YOLOv8 post-processing, drawing.
+"""Pixels in, boxes out, numpy and OpenCV only: decode, letterbox, YOLOv8 post-processing, drawing.
 
 Nothing here knows about models files or runtimes; every step matches the behaviour of the
 reference implementation (ultralytics' predict) so that detections agree with it.

@@ -28,6 +28,8 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _BMP_MAGIC = b"BM"
 _RIFF_MAGIC = b"RIFF"
 _WEBP_MAGIC = b"WEBP"
+_SIMPLEJPEG_ERRORS = (ValueError, KeyError, IndexError, RuntimeError)
+"""What simplejpeg raises for corrupt streams (ValueError mostly; KeyError for odd headers)."""
 
 
 def image_size(data: bytes) -> tuple[str, int, int]:
@@ -40,7 +42,7 @@ def image_size(data: bytes) -> tuple[str, int, int]:
     if data.startswith(_JPEG_MAGIC):
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data, strict=False)
-        except ValueError as exc:
+        except _SIMPLEJPEG_ERRORS as exc:
             raise UndecodableFrameError(f"corrupt JPEG header: {exc}") from None
         return "jpeg", int(width), int(height)
     if data.startswith(_PNG_MAGIC):
@@ -106,7 +108,7 @@ def _decode_jpeg(data: bytes) -> ImageBGR:
         image = simplejpeg.decode_jpeg(
             data, colorspace="BGR", fastdct=False, fastupsample=False, strict=True
         )
-    except ValueError as exc:
+    except _SIMPLEJPEG_ERRORS as exc:
         message = str(exc)
         if "colorspace" in message.lower() or "CMYK" in message:
             # libjpeg-turbo converts neither CMYK nor YCCK to BGR; OpenCV does.
@@ -119,5 +121,7 @@ def _decode_cv2(data: bytes, fmt: str) -> ImageBGR:
     buffer = np.frombuffer(data, dtype=np.uint8)
     image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if image is None or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise UndecodableFrameError(f"corrupt or truncated {fmt.upper()}: OpenCV could not decode it")
-    return image
+        raise UndecodableFrameError(
+            f"corrupt or truncated {fmt.upper()}: OpenCV could not decode it"
+        )
+    return np.asarray(image, dtype=np.uint8)

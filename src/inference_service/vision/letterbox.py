@@ -88,10 +88,12 @@ def letterbox(
 
 
 def to_tensor(image: ImageBGR, geo: LetterboxGeometry) -> Tensor:
-    """Resize, pad, swap to RGB and scale ``image`` into a new contiguous tensor laid out by ``geo``."""
+    """Resize, pad, swap to RGB and scale ``image`` into a new tensor laid out by ``geo``."""
     new_h, new_w = geo.resized_hw
     if (image.shape[0], image.shape[1]) != (new_h, new_w):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        image = np.asarray(
+            cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR), dtype=np.uint8
+        )
     padded = cv2.copyMakeBorder(
         image,
         geo.top,

@@ -3,7 +3,7 @@
 Matches the behaviour of ultralytics' ``non_max_suppression`` (single label per box) followed by
 ``scale_boxes``, as its detection predictor applies them:
 
-- the head gives ``(batch, 4 + nc, N)``: centre x, centre y, width, height, then one score per class;
+- the head gives ``(batch, 4 + nc, N)``: centre x, centre y, width, height, one score per class;
 - a candidate's confidence is its best class score and it is kept when strictly greater than
   ``conf``; the centre form becomes corners as ``xy -/+ wh / 2``;
 - at most 30000 candidates (highest confidence) enter NMS;
@@ -99,7 +99,7 @@ def nms(boxes: FloatArray, scores: FloatArray, iou: float, max_det: int) -> IntA
 
 
 def scale_boxes(boxes: FloatArray, geo: LetterboxGeometry) -> FloatArray:
-    """Map ``boxes`` from input pixels to frame pixels in place (padding, gain, clip) and return them.
+    """Map ``boxes`` from input to frame pixels in place (padding, gain, clip); returns them.
 
     The gain and padding are recomputed from the input and frame shapes as the reference's
     ``scale_boxes`` does, so that boxes agree with it to the last rounding.

@@ -1,0 +1,309 @@
+"""Detections agree with the reference (ultralytics predict, same .pt), per runtime and precision.
+
+SPEC.md, Results: fp32 — same count and classes, boxes within 1 px or IoU >= 0.99, confidence within
+0.01; bf16 — same count and classes except detections whose reference confidence lies within 0.02
+of the threshold, IoU >= 0.95, confidence within 0.02.
+
+The test model is ``models/test/best.pt`` (YOLOv8n, imgsz 320); the images are every JPEG in
+``tests/data/photos/`` and ``models/test/conformance/``. Our detector reads the JPEG bytes (the
+production path, simplejpeg); the reference reads the file with ``cv2.imread``. The model is
+converted once per session into a temporary cache, in a child process whose sockets are blocked,
+which also proves that the conversion never reaches the network.
+
+A second test runs a randomly initialised YOLOv8n at a very low threshold: thousands of overlapping
+candidates, a hard test of NMS agreement.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inference_service.detector import YoloDetector, load_detector
+from inference_service.domain import Detection, FrameDetections
+from inference_service.model import ResolvedModel, resolve_model
+from inference_service.settings import Settings
+
+pytestmark = [pytest.mark.model, pytest.mark.reference, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_MODEL = ROOT / "models" / "test" / "best.pt"
+IMAGE_DIRS = (ROOT / "tests" / "data" / "photos", ROOT / "models" / "test" / "conformance")
+CONF = 0.25
+IOU = 0.45
+CONFIGS = ("openvino/fp32", "onnxruntime/fp32", "openvino/bf16")
+
+_SOCKET_BLOCKER = """
+import os, socket
+_log = os.environ["NET_ATTEMPTS_LOG"]
+def _record(what, *args):
+    with open(_log, "a") as f:
+        f.write(f"{what} {args!r}\\n")
+    raise OSError("network blocked by the test")
+_connect = socket.socket.connect
+def connect(self, address, *a):
+    if self.family == socket.AF_UNIX:
+        return _connect(self, address, *a)
+    _record("connect", address)
+socket.socket.connect = connect
+socket.socket.connect_ex = lambda self, address: _record("connect_ex", address)
+socket.getaddrinfo = lambda *a, **k: _record("getaddrinfo", *a)
+socket.create_connection = lambda *a, **k: _record("create_connection", *a)
+"""
+
+
+def _ultralytics_env(config_dir: Path) -> None:
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+
+
+def _images() -> list[Path]:
+    return sorted(p for d in IMAGE_DIRS if d.is_dir() for p in d.glob("*.jpg"))
+
+
+@dataclass
+class Exported:
+    resolved: ResolvedModel
+    settings: Settings
+    net_attempts: list[str]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exported]:
+    """best.pt converted once into a temporary cache, with the network blocked in the converter."""
+    if not TEST_MODEL.is_file():
+        pytest.skip(
+            f"{TEST_MODEL.relative_to(ROOT)} not present (made by scripts/train_test_model.py)"
+        )
+    pytest.importorskip("ultralytics", reason="the reference needs the export extra")
+    tmp = tmp_path_factory.mktemp("conformance")
+    blocker = tmp / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(_SOCKET_BLOCKER)
+    attempts = tmp / "net-attempts.log"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PYTHONPATH", str(blocker))
+    mp.setenv("NET_ATTEMPTS_LOG", str(attempts))
+    for name in ("YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_CONFIG_DIR"):
+        mp.delenv(name, raising=False)  # the service must set them itself
+    settings = Settings(model=TEST_MODEL, cache_dir=tmp / "cache", conf=CONF, iou=IOU)
+    try:
+        resolved = resolve_model(settings)
+    finally:
+        mp.undo()
+    lines = attempts.read_text().splitlines() if attempts.exists() else []
+    _ultralytics_env(tmp / "ultralytics")
+    yield Exported(resolved, settings, lines)
+
+
+def test_export_never_reaches_the_network(exported: Exported) -> None:
+    assert exported.net_attempts == []
+    assert exported.resolved.names  # and the conversion did succeed with the network blocked
+    assert exported.resolved.dynamic and exported.resolved.task == "detect"
+
+
+@pytest.fixture(scope="session")
+def reference(exported: Exported) -> dict[Path, list[Detection]]:
+    """ultralytics predict on every image (reads each file with cv2.imread)."""
+    yolo: Any = importlib.import_module("ultralytics").YOLO(str(TEST_MODEL))
+    out: dict[Path, list[Detection]] = {}
+    for path in _images():
+        result = yolo.predict(
+            str(path),
+            imgsz=list(exported.resolved.imgsz),
+            conf=CONF,
+            iou=IOU,
+            device="cpu",
+            verbose=False,
+            save=False,
+        )[0]
+        out[path] = _from_ultralytics(result, exported.resolved.names)
+    return out
+
+
+def _from_ultralytics(result: Any, names: tuple[str, ...]) -> list[Detection]:
+    from inference_service.domain import BBox
+
+    boxes = result.boxes
+    xyxy = boxes.xyxy.cpu().numpy().tolist()
+    conf = boxes.conf.cpu().numpy().tolist()
+    cls = boxes.cls.cpu().numpy().astype(int).tolist()
+    return [
+        Detection(class_id=c, class_name=names[c], confidence=s, bbox=BBox(*b))
+        for b, s, c in zip(xyxy, conf, cls, strict=True)
+    ]
+
+
+@pytest.fixture(scope="session")
+def detectors(exported: Exported) -> Iterator[dict[str, YoloDetector]]:
+    out: dict[str, YoloDetector] = {}
+    for config in CONFIGS:
+        runtime, precision = config.split("/")
+        settings = exported.settings.model_copy(update={"runtime": runtime, "precision": precision})
+        out[config] = load_detector(exported.resolved, settings, threads=2)
+    yield out
+    for detector in out.values():
+        detector.close()
+
+
+def _iou(a: Detection, b: Detection) -> float:
+    ax1, ay1, ax2, ay2 = a.bbox.x1, a.bbox.y1, a.bbox.x2, a.bbox.y2
+    bx1, by1, bx2, by2 = b.bbox.x1, b.bbox.y1, b.bbox.x2, b.bbox.y2
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    return inter / union if union > 0 else 1.0
+
+
+def _box_dev(a: Detection, b: Detection) -> float:
+    return max(
+        abs(a.bbox.x1 - b.bbox.x1),
+        abs(a.bbox.y1 - b.bbox.y1),
+        abs(a.bbox.x2 - b.bbox.x2),
+        abs(a.bbox.y2 - b.bbox.y2),
+    )
+
+
+@dataclass
+class Agreement:
+    """How one detector's output compares with the reference's, over many images."""
+
+    images: int = 0
+    detections: int = 0
+    max_box_dev: float = 0.0
+    min_iou: float = 1.0
+    max_dconf: float = 0.0
+    near_threshold_differences: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "detections": self.detections,
+            "max_box_dev_px": round(self.max_box_dev, 4),
+            "min_iou": round(self.min_iou, 5),
+            "max_dconf": round(self.max_dconf, 5),
+            "near_threshold_differences": self.near_threshold_differences,
+        }
+
+
+def compare(
+    ours: list[Detection],
+    ref: list[Detection],
+    agreement: Agreement,
+    *,
+    strict: bool,
+    conf: float,
+    where: str,
+) -> None:
+    """Match each reference detection to ours (same class, best IoU) and check the tolerances."""
+    iou_min, dconf_max, margin = (0.99, 0.01, 0.0) if strict else (0.95, 0.02, 0.02)
+    agreement.images += 1
+    unmatched = list(ours)
+    for r in ref:
+        same = [d for d in unmatched if d.class_id == r.class_id]
+        best = max(same, key=lambda d: _iou(d, r), default=None)
+        if best is None or _iou(best, r) < 0.5:
+            if not strict and r.confidence - conf <= margin:
+                agreement.near_threshold_differences += 1
+                continue
+            agreement.failures.append(f"{where}: reference {r} not found")
+            continue
+        unmatched.remove(best)
+        agreement.detections += 1
+        iou, dev, dconf = _iou(best, r), _box_dev(best, r), abs(best.confidence - r.confidence)
+        agreement.max_box_dev = max(agreement.max_box_dev, dev)
+        agreement.min_iou = min(agreement.min_iou, iou)
+        agreement.max_dconf = max(agreement.max_dconf, dconf)
+        box_ok = iou >= iou_min or (strict and dev <= 1.0)
+        if not box_ok or dconf > dconf_max:
+            agreement.failures.append(
+                f"{where}: {best} vs reference {r}: IoU {iou:.4f}, {dev:.2f} px, Δconf {dconf:.4f}"
+            )
+    for d in unmatched:
+        if not strict and d.confidence - conf <= margin:
+            agreement.near_threshold_differences += 1
+            continue
+        agreement.failures.append(f"{where}: extra detection {d}")
+    scores = [d.confidence for d in ours]
+    if scores != sorted(scores, reverse=True):
+        agreement.failures.append(f"{where}: detections not ordered by confidence")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_detections_match_reference(
+    config: str,
+    detectors: dict[str, YoloDetector],
+    reference: dict[Path, list[Detection]],
+) -> None:
+    images = list(reference)
+    if not images:
+        pytest.skip(f"no images in {', '.join(str(d.relative_to(ROOT)) for d in IMAGE_DIRS)}")
+    detector = detectors[config]
+    assert detector.info.runtime == config
+    agreement = Agreement()
+    total_ref = 0
+    for path in images:
+        result: FrameDetections = detector.detect(path.read_bytes())
+        total_ref += len(reference[path])
+        compare(
+            list(result.detections),
+            reference[path],
+            agreement,
+            strict=config.endswith("fp32"),
+            conf=CONF,
+            where=f"{config} {path.relative_to(ROOT)}",
+        )
+    print(f"\nconformance {config}: {json.dumps(agreement.summary())} (reference: {total_ref})")
+    assert total_ref > 0, "the reference found nothing: the test would prove nothing"
+    assert not agreement.failures, "\n".join(agreement.failures[:20])
+
+
+# --- NMS under load: synthetic heads with thousands of overlapping candidates ----------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_postprocess_matches_reference_nms_on_synthetic_heads(seed: int, tmp_path: Path) -> None:
+    """Our NMS + rescale against ultralytics' non_max_suppression + scale_boxes, same head tensor.
+
+    Up to 8400 candidates per frame over few classes, heavily overlapping: every suppression
+    decision, the 300 cap, the per-class offset and the rescale must agree.
+    """
+    pytest.importorskip("ultralytics", reason="the reference needs the export extra")
+    _ultralytics_env(tmp_path / "ultralytics")
+    import torch
+    from ultralytics.utils import nms as ref_nms
+    from ultralytics.utils import ops
+
+    from inference_service.vision import letterbox_geometry, postprocess
+
+    rng = np.random.default_rng(seed)
+    image_hw = [(720, 1280), (1280, 720), (481, 643), (1080, 1920), (333, 334), (50, 2000)][seed]
+    geo = letterbox_geometry(image_hw, (640, 640), 32)
+    in_h, in_w = geo.input_hw
+    n, nc = in_h * in_w // 64 + in_h * in_w // 256 + in_h * in_w // 1024, 4
+    head = np.zeros((1, 4 + nc, n), np.float32)
+    head[0, 0] = rng.uniform(-20, in_w + 20, n)
+    head[0, 1] = rng.uniform(-20, in_h + 20, n)
+    head[0, 2] = rng.uniform(4, 200, n)
+    head[0, 3] = rng.uniform(4, 200, n)
+    head[0, 4:] = rng.uniform(0, 1, (nc, n)) ** 3
+    conf = [0.25, 0.05, 0.5, 0.01, 0.25, 0.1][seed]
+
+    ours = postprocess(head, geo, conf=conf, iou=IOU, max_det=300)
+    ref = ref_nms.non_max_suppression(torch.from_numpy(head.copy()), conf, IOU, max_det=300)[0]
+    ref[:, :4] = ops.scale_boxes((in_h, in_w), ref[:, :4], image_hw)
+    ref_np = ref.numpy()
+    assert len(ours) == ref_np.shape[0] > 20
+    assert ours.class_ids.tolist() == ref_np[:, 5].astype(int).tolist()
+    assert np.array_equal(ours.scores, ref_np[:, 4])
+    assert np.allclose(ours.boxes, ref_np[:, :4], atol=1e-3)
