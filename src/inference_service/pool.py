@@ -169,8 +169,13 @@ def _worker_main(
     results: multiprocessing.connection.Connection,
     stop: MpEvent,
     pullers: int,
+    log_level: int = logging.WARNING,
 ) -> None:
     """Entry point of a worker process: load, warm up, then serve frames until told to stop."""
+    logging.basicConfig(
+        level=log_level,
+        format="%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s",
+    )
     parent = os.getppid()
     send_lock = threading.Lock()
 
@@ -637,7 +642,15 @@ class DetectorPool:
         stop = self._ctx.Event()
         process = self._ctx.Process(
             target=_worker_main,
-            args=(index, self._factory, tasks, send, stop, self._pullers),
+            args=(
+                index,
+                self._factory,
+                tasks,
+                send,
+                stop,
+                self._pullers,
+                logging.getLogger().getEffectiveLevel(),
+            ),
             name=f"detector-{index}",
             daemon=True,
         )
