@@ -375,10 +375,15 @@ def _random_spec(
     height: int,
     background: Image,
     class_id: int | None = None,
+    size_range: tuple[float, float] | None = None,
 ) -> ShapeSpec:
     short = min(width, height)
-    hi = max(_MAX_SIZE_FRACTION * short, _MIN_SIZE_PX + 1.0)
-    lo = min(_MIN_SIZE_PX, hi - 1.0)
+    if size_range is None:
+        hi = max(_MAX_SIZE_FRACTION * short, _MIN_SIZE_PX + 1.0)
+        lo = min(_MIN_SIZE_PX, hi - 1.0)
+    else:
+        lo = max(size_range[0] * short, 2.0)
+        hi = max(size_range[1] * short, lo + 1.0)
     size = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
     cid = int(rng.integers(0, len(CLASS_NAMES))) if class_id is None else class_id
     margin = size * 0.25
@@ -419,16 +424,21 @@ def _overlap(a: ShapeSpec, b: ShapeSpec) -> float:
 
 
 def _place_specs(
-    rng: np.random.Generator, width: int, height: int, background: Image, n: int
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    background: Image,
+    n: int,
+    size_range: tuple[float, float] | None = None,
 ) -> list[ShapeSpec]:
     """`n` random shapes, re-drawing positions (a few tries) that would mostly cover another."""
     specs: list[ShapeSpec] = []
     for _ in range(n):
-        spec = _random_spec(rng, width, height, background)
+        spec = _random_spec(rng, width, height, background, size_range=size_range)
         for _try in range(8):
             if all(_overlap(spec, other) < 0.5 for other in specs):
                 break
-            spec = _random_spec(rng, width, height, background)
+            spec = _random_spec(rng, width, height, background, size_range=size_range)
         specs.append(spec)
     return specs
 
@@ -522,13 +532,15 @@ def render_scene(
     *,
     occluders: bool = True,
     degrade: bool = True,
+    size_range: tuple[float, float] | None = None,
 ) -> tuple[Image, list[Box]]:
     """One BGR uint8 frame of `width` x `height` and the boxes of its visible objects.
 
     `n_objects` shapes are drawn (default: 1-8 at random); fewer may be labelled, see the module's
     docstring. `background`, if given, is a BGR uint8 image of exactly this size (it is copied, not
     changed); otherwise a random textured one is drawn. `occluders` adds zero to two bars or blobs
-    on top; `degrade` adds noise, blur and JPEG artefacts.
+    on top; `degrade` adds noise, blur and JPEG artefacts. `size_range`, if given, is the
+    (smallest, largest) shape size as fractions of the short side, instead of 16 px to 40 %.
     """
     _check_size(width, height)
     frame = (
@@ -537,7 +549,7 @@ def render_scene(
         else _check_background(background, width, height)
     )
     n = int(rng.integers(1, 9)) if n_objects is None else n_objects
-    specs = _place_specs(rng, width, height, frame, n)
+    specs = _place_specs(rng, width, height, frame, n, size_range)
     owner = np.full((height, width), _EMPTY, dtype=np.int32)
     for index, spec in enumerate(specs):
         _draw_shape(frame, owner, spec, index)
