@@ -142,10 +142,13 @@ class PhotoSource:
     """Whether synthetic shapes are pasted on it."""
 
 
+_ULTRALYTICS_LICENCE: Final[str] = (
+    "AGPL-3.0, the package's licence; the package states no separate licence for the photo"
+)
 PHOTOS: Final[tuple[PhotoSource, ...]] = (
-    PhotoSource("bus", "ultralytics", "assets/bus.jpg", "ultralytics", "AGPL-3.0 (package)", False),
+    PhotoSource("bus", "ultralytics", "assets/bus.jpg", "ultralytics", _ULTRALYTICS_LICENCE, False),
     PhotoSource(
-        "zidane", "ultralytics", "assets/zidane.jpg", "ultralytics", "AGPL-3.0 (package)", False
+        "zidane", "ultralytics", "assets/zidane.jpg", "ultralytics", _ULTRALYTICS_LICENCE, False
     ),
     PhotoSource(
         "china",
