@@ -35,7 +35,8 @@ from inference_service.settings import Settings
 pytestmark = [pytest.mark.model, pytest.mark.reference, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-TEST_MODEL = ROOT / "models" / "test" / "best.pt"
+TEST_MODEL = Path(os.environ.get("CONFORMANCE_MODEL", ROOT / "models" / "test" / "best.pt"))
+"""The checked model; ``CONFORMANCE_MODEL`` checks another .pt against the reference."""
 IMAGE_DIRS = (ROOT / "tests" / "data" / "photos", ROOT / "models" / "test" / "conformance")
 CONF = 0.25
 IOU = 0.45
@@ -44,6 +45,7 @@ CONFIGS = ("openvino/fp32", "onnxruntime/fp32", "openvino/bf16")
 _SOCKET_BLOCKER = """
 import os, socket
 _log = os.environ["NET_ATTEMPTS_LOG"]
+open(_log + ".loaded", "a").close()
 def _record(what, *args):
     with open(_log, "a") as f:
         f.write(f"{what} {args!r}\\n")
@@ -76,6 +78,7 @@ class Exported:
     resolved: ResolvedModel
     settings: Settings
     net_attempts: list[str]
+    blocker_loaded: bool
 
 
 @pytest.fixture(scope="session")
@@ -103,10 +106,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exported]:
         mp.undo()
     lines = attempts.read_text().splitlines() if attempts.exists() else []
     _ultralytics_env(tmp / "ultralytics")
-    yield Exported(resolved, settings, lines)
+    loaded = Path(f"{attempts}.loaded").exists()
+    yield Exported(resolved, settings, lines, loaded)
 
 
 def test_export_never_reaches_the_network(exported: Exported) -> None:
+    assert exported.blocker_loaded, "the socket blocker did not load in the converter process"
     assert exported.net_attempts == []
     assert exported.resolved.names  # and the conversion did succeed with the network blocked
     assert exported.resolved.dynamic and exported.resolved.task == "detect"
