@@ -20,9 +20,9 @@ class OnnxRuntimeBackend:
     """One ``InferenceSession``; ``session.run`` is thread-safe and releases the GIL.
 
     ``threads`` is the session's intra-op thread count (inter-op: 1, sequential execution); all
-    graph optimisations are enabled, and idle intra-op threads do not spin. ``precision`` must be ``fp32``: ONNX Runtime's CPU provider
-    has no bf16 path for this model, so ``bf16`` is refused with a :class:`ConfigError` naming
-    OpenVINO.
+    graph optimisations are enabled, and idle intra-op threads do not spin. ``precision`` must be
+    ``fp32``: ONNX Runtime's CPU provider has no bf16 path for this model, so ``bf16`` is refused
+    with a :class:`ConfigError` naming OpenVINO.
     """
 
     def __init__(
