@@ -48,6 +48,14 @@ class Settings(BaseSettings):
         "inference-service",
         description="Prefix of the transactional id (exactly_once); the host and pid are appended.",
     )
+    transaction_timeout_ms: int = Field(
+        60_000,
+        ge=1000,
+        description="exactly_once: how long an open transaction of a dead instance blocks readers.",
+    )
+    session_timeout_ms: int = Field(
+        10_000, ge=1000, description="Kafka group session timeout: how soon a dead replica is seen."
+    )
     max_poll_records: int = Field(
         256, ge=1, description="Most records taken from Kafka in one poll."
     )

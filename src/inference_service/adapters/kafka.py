@@ -172,8 +172,8 @@ class KafkaPipeline:
             "isolation.level": "read_committed",
             "queued.max.messages.kbytes": 16384,
             "max.poll.interval.ms": 600000,
-            "session.timeout.ms": 10000,
-            "heartbeat.interval.ms": 2000,
+            "session.timeout.ms": self._s.session_timeout_ms,
+            "heartbeat.interval.ms": max(500, self._s.session_timeout_ms // 5),
             "client.id": f"inference-service-{socket.gethostname()}-{os.getpid()}",
         }
 
@@ -191,7 +191,7 @@ class KafkaPipeline:
             conf["transactional.id"] = (
                 f"{self._s.transactional_id_prefix}-{socket.gethostname()}-{os.getpid()}"
             )
-            conf["transaction.timeout.ms"] = 60000
+            conf["transaction.timeout.ms"] = self._s.transaction_timeout_ms
         return conf
 
     def _open(self) -> None:

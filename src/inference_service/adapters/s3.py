@@ -85,7 +85,7 @@ class S3FrameStore:
                         f"{self._max_bytes} (INFERENCE_MAX_FRAME_BYTES)"
                     )
                 data = await result.bytes_async()
-            except NotFoundError:
+            except (NotFoundError, FileNotFoundError):
                 raise FrameNotFoundError(f"no object s3://{bucket}/{key}") from None
             except InvalidPathError as exc:
                 raise InvalidTaskError(
@@ -104,7 +104,7 @@ class S3FrameStore:
         try:
             stream = obstore.list(self._store(bucket), chunk_size=1)
             await anext(aiter(stream), None)
-        except NotFoundError as exc:
+        except (NotFoundError, FileNotFoundError) as exc:
             raise StoreUnavailableError(f"bucket {bucket!r} does not exist: {exc}") from exc
         except Exception as exc:
             raise StoreUnavailableError(
