@@ -90,7 +90,7 @@ class YoloDetector:
             raise UndecodableFrameError(
                 f"expected an (h, w, 3) uint8 BGR frame, got {image.shape} {image.dtype}"
             )
-        return self._run(image, 0.0)
+        return self._run(np.ascontiguousarray(image), 0.0)
 
     def _run(self, image: ImageBGR, decode_ms: float) -> FrameDetections:
         model = self._model
