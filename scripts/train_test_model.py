@@ -196,6 +196,13 @@ def write_card(out: Path, info: dict[str, Any]) -> Path:
         for r in info.get("curve", [])
     )
     goal = "met" if std["map50"] >= GOAL_MAP50 else "not met"
+    pts = info.get("curve", [])
+    cut = ""
+    if len(pts) >= 3:  # ultralytics stops mid-epoch when the time budget runs out
+        last = pts[-1]["seconds"] - pts[-2]["seconds"]
+        before = pts[-2]["seconds"] - pts[-3]["seconds"]
+        if last < 0.6 * before:
+            cut = f", the last one cut short after {last:.0f} s by the budget"
     text = f"""# Test model: YOLOv8n on synthetic shapes
 
 Made here, no downloaded weights: YOLOv8n built from ultralytics' `yolov8n.yaml` with random
@@ -210,7 +217,7 @@ classes.
 | architecture | YOLOv8n (`yolov8n.yaml`), {recipe.get("nc", len(recipe["classes"]))} classes |
 | classes | {classes} |
 | input size | imgsz {info["imgsz"]} (stored in the checkpoint; ultralytics predicts at it) |
-| epochs | {info["epochs"]} completed (wall-time budget {info["time_min"]:g} min) |
+| epochs | {info["epochs"]}{cut} (wall-time budget {info["time_min"]:g} min) |
 | training time | {info["train_seconds"] / 60.0:.1f} min wall, {info["cpu"]} |
 | software | ultralytics {info["ultralytics"]}, torch {info["torch"]}, Python {info["python"]} |
 
