@@ -34,6 +34,8 @@ class _PoolMetrics:
 
     def refresh(self) -> None:
         stats = self._pool.stats()
+        self._metrics.detector_in_flight.set(stats.in_flight)
+        self._metrics.detector_pending.set(stats.pending)
         if stats.worker_restarts > self._restarts:
             self._metrics.worker_restarts.inc(stats.worker_restarts - self._restarts)
             self._restarts = stats.worker_restarts

@@ -54,6 +54,14 @@ class Metrics:
             "inference_batch_size", "Frames per inference call.",
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
         )  # fmt: skip
+        self.detector_in_flight = Gauge(
+            "inference_detector_in_flight", "Frames at detector workers, not yet answered.",
+            registry=r,
+        )  # fmt: skip
+        self.detector_pending = Gauge(
+            "inference_detector_pending", "Frames waiting for a detector worker with room.",
+            registry=r,
+        )  # fmt: skip
         self.worker_restarts = Counter(
             "inference_worker_restarts", "Detector worker processes replaced after dying.",
             registry=r,

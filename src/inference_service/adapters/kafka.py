@@ -22,10 +22,12 @@ committed first. Nothing is lost either way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -53,12 +55,46 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+TXN_CALL_TIMEOUT_S = 10.0
+"""Longest wait of one transactional call (send offsets, commit, abort)."""
+TXN_WATCHDOG_S = 25.0
+"""A transactional call still running after this long is treated as hung (librdkafka can ignore
+the call's own timeout when the coordinator moves or restarts: librdkafka issues #5456, #5511); the
+producer is then abandoned and replaced, and the partitions rewound."""
+TXN_COMMIT_ATTEMPTS = 3
+"""Tries of a commit that fails retriably before the transaction is aborted and rewound."""
+
 DLQ_MAX_VALUE_BYTES = 512 * 1024
 """A dead letter larger than this keeps only its first bytes (header ``value.truncated``)."""
 
 
 class KafkaUnavailableError(TransientError):
     """The broker cannot be reached."""
+
+
+class _HungCallError(Exception):
+    """A librdkafka call did not return within :data:`TXN_WATCHDOG_S`."""
+
+
+def _bounded(what: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` on a helper thread; raise ``_HungCallError`` if it outlives the watchdog."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"kafka-{what}", daemon=True)
+    thread.start()
+    thread.join(TXN_WATCHDOG_S)
+    if thread.is_alive():
+        raise _HungCallError(f"{what} did not return within {TXN_WATCHDOG_S:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    result: T = box["result"]
+    return result
 
 
 def kafka_ready(bootstrap: str, timeout: float = 5.0) -> None:
@@ -109,6 +145,9 @@ class KafkaPipeline:
         self._acks: dict[Partition, _AckLane] = {}
         self._backoff = Backoff(initial_s=0.2, max_s=5.0)
         self._last_lag = 0.0
+        self._commit_failures = 0
+        self._generation = 0
+        self._abandoned: list[Producer] = []
         self.ready = False
         """True once the consumer has joined the group (for ``/readyz``)."""
 
@@ -190,6 +229,7 @@ class KafkaPipeline:
         if self._exactly_once:
             conf["transactional.id"] = (
                 f"{self._s.transactional_id_prefix}-{socket.gethostname()}-{os.getpid()}"
+                f"-{self._generation}"
             )
             conf["transaction.timeout.ms"] = self._s.transaction_timeout_ms
         return conf
@@ -218,8 +258,14 @@ class KafkaPipeline:
             attempt = 0
             while True:
                 try:
-                    producer.init_transactions(30)
+                    _bounded("init_transactions", producer.init_transactions, 30)
                     break
+                except _HungCallError as exc:
+                    log.error("%s; trying a new producer", exc)
+                    self._abandoned.append(producer)
+                    self._generation += 1
+                    producer = Producer(self._producer_config())
+                    continue
                 except KafkaException as exc:
                     err: KafkaError = exc.args[0]
                     if not err.retriable() or self._stopping.is_set():
@@ -350,7 +396,14 @@ class KafkaPipeline:
         if not finished and (self._exactly_once or not self._acks):
             return
         if self._exactly_once:
-            await self._call(self._commit_transaction, finished)
+            if await self._call(self._commit_transaction, finished):
+                self._commit_failures = 0
+            else:
+                # Kafka is unwell: back off before consuming again (the rewound records wait).
+                delay = self._backoff.delay(self._commit_failures)
+                self._commit_failures += 1
+                log.warning("pausing %.1f s before consuming again", delay)
+                await asyncio.sleep(delay)
         else:
             await self._call(self._produce_and_commit, finished)
 
@@ -398,75 +451,100 @@ class KafkaPipeline:
             except BufferError:
                 self._producer.poll(0.1)
 
-    def _commit_transaction(self, finished: list[Finished]) -> None:
-        """exactly_once: one transaction with the results and the offsets after them."""
+    def _commit_transaction(self, finished: list[Finished]) -> bool:
+        """exactly_once: one transaction with the results and the offsets after them.
+
+        On failure the transaction is aborted (or the producer replaced when fenced), the
+        partitions are rewound to their first unpublished record, and False is returned so that
+        the caller backs off before consuming again. The I/O thread is never held for long, so
+        rebalances keep being served while Kafka is unwell.
+        """
         assert self._producer is not None and self._consumer is not None
         items = [f for f in finished if f.partition in self._assigned]
         if not items:
-            return
+            return True
         offsets: dict[Partition, int] = {}
         first: dict[Partition, int] = {}
         for f in items:
             offsets[f.partition] = f.offset + 1
             first.setdefault(f.partition, f.offset)
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        attempt = 0
-        while True:
-            try:
-                self._producer.begin_transaction()
-                for f in items:
-                    self._produce(f)
-                self._producer.send_offsets_to_transaction(
-                    tps, self._consumer.consumer_group_metadata(), 30
-                )
-                self._commit_with_retries()
-            except KafkaException as exc:
-                err: KafkaError = exc.args[0]
-                self._metrics.transactions.labels("aborted").inc()
-                if err.fatal():
-                    log.error("fatal producer error, recreating the producer: %s", err)
-                    self._producer = self._new_producer()
-                else:
-                    log.warning("transaction failed (%s); aborting and rewinding", err)
-                    self._abort_quietly()
-                if self._stopping.is_set() or not err.retriable() or attempt >= 3:
-                    self._rewind(first)
-                    return
-                # A retriable failure: the same items in a fresh transaction after a pause.
-                time.sleep(self._backoff.delay(attempt))
-                attempt += 1
-                items = [f for f in items if f.partition in self._assigned]
-                if not items:
-                    return
-                continue
-            self._metrics.transactions.labels("committed").inc()
-            self._count(items)
-            return
+        try:
+            self._producer.begin_transaction()
+            for f in items:
+                self._produce(f)
+            _bounded(
+                "send_offsets_to_transaction",
+                self._producer.send_offsets_to_transaction,
+                tps,
+                self._consumer.consumer_group_metadata(),
+                TXN_CALL_TIMEOUT_S,
+            )
+            self._commit_with_retries()
+        except _HungCallError as exc:
+            self._metrics.transactions.labels("aborted").inc()
+            log.error("%s; abandoning the producer, replacing it and rewinding", exc)
+            self._abandon_producer()
+            self._rewind(first)
+            return False
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            self._metrics.transactions.labels("aborted").inc()
+            if err.fatal():
+                log.error("fatal producer error, replacing the producer: %s", err)
+                self._replace_producer()
+            else:
+                log.warning("transaction failed (%s); aborting and rewinding", err)
+                self._abort_quietly()
+            self._rewind(first)
+            return False
+        self._metrics.transactions.labels("committed").inc()
+        self._count(items)
+        return True
 
     def _commit_with_retries(self) -> None:
         assert self._producer is not None
-        attempt = 0
-        while True:
+        for attempt in range(TXN_COMMIT_ATTEMPTS):
             try:
-                self._producer.commit_transaction(30)
+                _bounded(
+                    "commit_transaction", self._producer.commit_transaction, TXN_CALL_TIMEOUT_S
+                )
                 return
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
-                if err.retriable() and not err.txn_requires_abort() and attempt < 20:
-                    delay = self._backoff.delay(attempt)
-                    log.warning("commit failed (%s); retrying in %.1f s", err, delay)
-                    time.sleep(delay)
-                    attempt += 1
-                    continue
-                raise
+                last = attempt == TXN_COMMIT_ATTEMPTS - 1
+                if not err.retriable() or err.txn_requires_abort() or last:
+                    raise
+                log.warning("commit failed (%s); retrying", err)
+                time.sleep(self._backoff.delay(attempt))
+
+    def _abandon_producer(self) -> None:
+        """Replace a producer stuck inside librdkafka, keeping the old one referenced.
+
+        Destroying it would block on the stuck call; its open transaction is aborted by the broker
+        after ``transaction.timeout.ms``, and group-metadata fencing keeps it from committing.
+        """
+        if self._producer is not None:
+            self._abandoned.append(self._producer)
+        self._generation += 1
+        self._producer = self._new_producer()
+
+    def _replace_producer(self) -> None:
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                self._producer.flush(0)
+        self._producer = self._new_producer()
 
     def _abort_quietly(self) -> None:
         assert self._producer is not None
         try:
-            self._producer.abort_transaction(30)
+            _bounded("abort_transaction", self._producer.abort_transaction, TXN_CALL_TIMEOUT_S)
+        except _HungCallError as exc:
+            log.error("%s; abandoning the producer", exc)
+            self._abandon_producer()
         except KafkaException as exc:
-            log.warning("abort failed (%s); recreating the producer", exc)
-            self._producer = self._new_producer()
+            log.warning("abort failed (%s); replacing the producer", exc)
+            self._replace_producer()
 
     def _rewind(self, first: dict[Partition, int]) -> None:
         """Seek each partition back to its first unpublished record and drop its later work."""
