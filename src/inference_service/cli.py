@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("inference_service.commands.serve", "run the service (Kafka in, Kafka out, HTTP)"),
     "detect": ("inference_service.commands.detect", "detect on local images, folders or videos"),
     "settings": ("inference_service.commands.settings_cmd", "print every setting and default"),
+    "submit": ("inference_service.commands.submit", "split a video or folder into frame tasks"),
+    "collect": ("inference_service.commands.collect", "gather and check one video's results"),
 }
 
 
