@@ -87,7 +87,6 @@ def build_app(
                 error=ResultError(exc.code, exc.message),
             )  # fmt: skip
             return web.json_response(result.to_dict(), status=STATUS_BY_CODE.get(exc.code, 400))
-        metrics.results.labels("ok").inc()
         result = Result(
             task_id=task_id,
             video_id="",
@@ -107,6 +106,8 @@ def build_app(
                 "total": (time.perf_counter() - started) * 1000,
             },
         )
+        metrics.results.labels("ok").inc()
+        metrics.observe_timings(result.timings_ms)
         return web.json_response(result.to_dict())
 
     app.router.add_get("/healthz", healthz)
