@@ -75,3 +75,8 @@ stack-down:
 .PHONY: bench-detector
 bench-detector: venv
 	$(PY) bench/detector_bench.py $(BENCH_ARGS)
+
+# End to end through Kafka and S3 vs the detector alone vs the original design in the same loop.
+.PHONY: bench-pipeline
+bench-pipeline: venv
+	scripts/stack run -- $(PY) bench/pipeline_bench.py $(BENCH_ARGS)

@@ -1,0 +1,356 @@
+"""End-to-end throughput through Kafka and S3, against the detector alone and the original design.
+
+Usage (the local stack must run; ``make bench-pipeline`` does that)::
+
+    scripts/stack run -- .venv/bin/python bench/pipeline_bench.py [--frames 240] [--model yolov8n]
+
+Measured in one run, on the same 1280x720 JPEG frames:
+
+* ``detector alone``: :class:`inference_service.pool.DetectorPool` fed the frames' bytes from
+  memory (no Kafka, no S3) — the ceiling the service can reach;
+* ``service``: ``inference-service serve`` (exactly_once, default settings) on fresh topics; the
+  clock runs from the first task produced to the last result read with ``read_committed``;
+* ``reference``: the original specification's design wired into the same loop — a consumer, S3
+  GETs, ultralytics ``predict`` in a ``ProcessPoolExecutor`` of 2 workers with one model each,
+  results produced to Kafka.
+
+Writes ``bench/results/pipeline.md`` and ``pipeline.json`` with the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import datetime as dt
+import json
+import multiprocessing
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import detector_bench as db
+
+ROOT = db.ROOT
+RESULTS = db.RESULTS
+
+
+def log_line(text: str) -> None:
+    print(f"[pipeline-bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def _env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise SystemExit(
+            f"{name} is not set: run under `scripts/stack run --` (make bench-pipeline)"
+        )
+    return value
+
+
+def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics(
+        [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names]
+    )
+    for future in futures.values():
+        future.result(timeout=30)
+
+
+def upload(bucket: str, frames: list[bytes], count: int, prefix: str) -> list[tuple[bytes, bytes]]:
+    """Store ``count`` frame objects (cycling through ``frames``); return their tasks."""
+    import boto3
+    from botocore.config import Config
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=_env("INFERENCE_S3_ENDPOINT_URL"),
+        config=Config(s3={"addressing_style": "path"}),
+    )
+    tasks = []
+    for i in range(count):
+        video = f"{prefix}-v{i % 4}"
+        key = f"{video}/{i // 4:06d}.jpg"
+        s3.put_object(Bucket=bucket, Key=key, Body=frames[i % len(frames)])
+        body = {"video_id": video, "frame_id": i // 4, "s3_key": key, "bucket": bucket}
+        tasks.append((video.encode(), json.dumps(body).encode()))
+    return tasks
+
+
+def produce(bootstrap: str, topic: str, tasks: list[tuple[bytes, bytes]]) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for key, value in tasks:
+        producer.produce(topic, key=key, value=value)
+        producer.poll(0)
+    producer.flush(30)
+
+
+def read_until(
+    bootstrap: str, topic: str, count: int, timeout: float
+) -> tuple[float, list[dict[str, Any]]]:
+    """Read ``count`` results (read_committed); return the monotonic time of the last one."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}",
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+        "isolation.level": "read_committed",
+    })  # fmt: skip
+    consumer.subscribe([topic])
+    results: list[dict[str, Any]] = []
+    last = time.monotonic()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < count and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.2):
+                if msg.error() is None:
+                    results.append(json.loads(msg.value() or b"{}"))
+                    last = time.monotonic()
+    finally:
+        consumer.close()
+    if len(results) < count:
+        raise RuntimeError(f"only {len(results)} of {count} results within {timeout} s")
+    return last, results
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def bench_detector(model: Path, frames: list[bytes], count: int) -> dict[str, Any]:
+    from inference_service.pool import DetectorPool
+    from inference_service.settings import Settings
+
+    settings = Settings(model=model, cache_dir=db.OUT / "cache")
+
+    async def run() -> dict[str, Any]:
+        async with DetectorPool(settings) as pool:
+            await asyncio.gather(*(pool.detect(f) for f in frames[: pool.processes * 2]))
+            latencies: list[float] = []
+
+            async def one(data: bytes) -> None:
+                t0 = time.perf_counter()
+                await pool.detect(data)
+                latencies.append((time.perf_counter() - t0) * 1000)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(frames[i % len(frames)]) for i in range(count)))
+            wall = time.perf_counter() - t0
+            p50, p95 = _percentiles(latencies)
+            return {"design": "detector alone (pool, no Kafka/S3)", "fps": count / wall,
+                    "p50_ms": p50, "p95_ms": p95, "runtime": pool.info.runtime,
+                    "layout": f"{pool.processes}×{pool.threads}"}  # fmt: skip
+
+    return asyncio.run(run())
+
+
+def bench_service(model: Path, tasks: list[tuple[bytes, bytes]], bootstrap: str) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:8]
+    tasks_topic, results_topic = f"bench-tasks-{run}", f"bench-results-{run}"
+    create_topics(bootstrap, [tasks_topic, results_topic, f"bench-dlq-{run}"], 4)
+    port = 18003
+    env = dict(os.environ)
+    env.update(
+        INFERENCE_MODEL=str(model), INFERENCE_CACHE_DIR=str(db.OUT / "cache"),
+        INFERENCE_TASKS_TOPIC=tasks_topic, INFERENCE_RESULTS_TOPIC=results_topic,
+        INFERENCE_DLQ_TOPIC=f"bench-dlq-{run}", INFERENCE_GROUP_ID=f"bench-{run}",
+        INFERENCE_HTTP_PORT=str(port), INFERENCE_HTTP_HOST="127.0.0.1", INFERENCE_LOG_LEVEL="WARNING",
+    )  # fmt: skip
+    log_path = db.OUT / "pipeline-service.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "inference_service.cli", "serve"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"service did not become ready; see {log_path}")
+                time.sleep(0.3)
+            t0 = time.monotonic()
+            produce(bootstrap, tasks_topic, tasks)
+            last, results = read_until(bootstrap, results_topic, len(tasks), timeout=600)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    totals = [r["timings_ms"]["total"] for r in results]
+    p50, p95 = _percentiles(totals)
+    return {"design": "service (Kafka → S3 → pool → Kafka, exactly_once)",
+            "fps": len(tasks) / (last - t0), "p50_ms": p50, "p95_ms": p95,
+            "runtime": results[0]["model"]["runtime"], "layout": "auto",
+            "ok": sum(r["status"] == "ok" for r in results)}  # fmt: skip
+
+
+def _reference_detect(data: bytes) -> int:
+    return len(db._reference_frame(data))
+
+
+async def _reference_loop(model: Path, tasks_topic: str, results_topic: str, bootstrap: str,
+                          count: int, bucket: str) -> None:  # fmt: skip
+    import obstore
+    from confluent_kafka import Consumer, Producer
+    from obstore.store import S3Store
+
+    store = S3Store(bucket, endpoint=_env("INFERENCE_S3_ENDPOINT_URL"), region="us-east-1",
+                    client_options={"allow_http": True}, virtual_hosted_style_request=False)  # fmt: skip
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ref-{uuid.uuid4().hex[:6]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": True})  # fmt: skip
+    consumer.subscribe([tasks_topic])
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    loop = asyncio.get_running_loop()
+    ctx = multiprocessing.get_context("spawn")
+    limit = asyncio.Semaphore(8)
+    done = 0
+    with concurrent.futures.ProcessPoolExecutor(
+        2, mp_context=ctx, initializer=db._reference_init, initargs=(str(model),)
+    ) as ex:
+        await asyncio.gather(*(loop.run_in_executor(ex, db._torch_threads) for _ in range(2)))
+
+        async def handle(value: bytes) -> None:
+            nonlocal done
+            try:
+                task = json.loads(value)
+                data = bytes(await (await obstore.get_async(store, task["s3_key"])).bytes_async())
+                n = await loop.run_in_executor(ex, _reference_detect, data)
+                producer.produce(results_topic, key=task["video_id"].encode(),
+                                 value=json.dumps({"task": task, "detections": n}).encode())  # fmt: skip
+                producer.poll(0)
+                done += 1
+            finally:
+                limit.release()
+
+        pending: set[asyncio.Task[None]] = set()
+        while done < count:
+            msgs = await loop.run_in_executor(None, consumer.consume, 50, 0.05)
+            for msg in msgs:
+                if msg.error() is None:
+                    await limit.acquire()
+                    t = asyncio.ensure_future(handle(msg.value() or b""))
+                    pending.add(t)
+                    t.add_done_callback(pending.discard)
+            if not msgs:
+                await asyncio.sleep(0.01)
+        await asyncio.gather(*pending)
+    producer.flush(30)
+    consumer.close()
+
+
+def bench_reference(
+    model: Path, tasks: list[tuple[bytes, bytes]], bootstrap: str, bucket: str
+) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:8]
+    tasks_topic, results_topic = f"ref-tasks-{run}", f"ref-results-{run}"
+    create_topics(bootstrap, [tasks_topic, results_topic], 4)
+    import threading
+
+    error: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            asyncio.run(
+                _reference_loop(model, tasks_topic, results_topic, bootstrap, len(tasks), bucket)
+            )
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    time.sleep(20)  # let both workers load ultralytics and warm up (measured separately below)
+    t0 = time.monotonic()
+    produce(bootstrap, tasks_topic, tasks)
+    last, _results = read_until(bootstrap, results_topic, len(tasks), timeout=900)
+    thread.join(60)
+    if error:
+        raise error[0]
+    return {"design": "original design (ultralytics in ProcessPoolExecutor ×2) in the same loop",
+            "fps": len(tasks) / (last - t0), "p50_ms": float("nan"), "p95_ms": float("nan"),
+            "runtime": "ultralytics/torch fp32", "layout": "2×torch threads"}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=240, help="tasks per measurement")
+    parser.add_argument("--model", default="yolov8n", help="yolov8n, yolov8s or test")
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args(argv)
+    bootstrap = _env("INFERENCE_KAFKA_BOOTSTRAP_SERVERS")
+    case = db.prepare_models([args.model])[0]
+    frames = db.render_frames(16)
+    bucket = os.environ.get("INFERENCE_S3_BUCKET", "frames")
+    tasks = upload(bucket, frames, args.frames, f"bench-{uuid.uuid4().hex[:6]}")
+    log_line(f"{len(tasks)} tasks over 4 videos, model {case.name} ({case.gflops:.2f} GFLOPs)")
+    rows = []
+    log_line("detector alone …")
+    rows.append(bench_detector(case.path, frames, args.frames))
+    log_line(f"  {rows[-1]['fps']:.1f} frames/s")
+    log_line("service end to end …")
+    rows.append(bench_service(case.path, tasks, bootstrap))
+    log_line(f"  {rows[-1]['fps']:.1f} frames/s")
+    if not args.skip_reference:
+        log_line("original design in the same loop …")
+        rows.append(bench_reference(case.path, tasks, bootstrap, bucket))
+        log_line(f"  {rows[-1]['fps']:.1f} frames/s")
+    detector_fps = rows[0]["fps"]
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    facts = db.machine_facts()
+    lines = [
+        "# Pipeline benchmark", "",
+        f"- command: `{command}`",
+        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+        f"- CPU: {facts.get('cpu', facts)}",
+        f"- {len(tasks)} tasks of 1280x720 JPEG frames over 4 videos, model {case.name} "
+        f"({case.gflops:.2f} GFLOPs at {case.input_hw[0]}x{case.input_hw[1]}); one run each, same frames",
+        "",
+        "| design | runtime | layout | frames/s | vs detector alone | p50 ms | p95 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['design']} | {r['runtime']} | {r['layout']} | {r['fps']:.1f} | "
+            f"{r['fps'] / detector_fps:.2f}× | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |"
+        )
+    service = rows[1]["fps"]
+    lines += ["", f"Pipeline overhead: {100 * (1 - service / detector_fps):.1f} % of the detector's "
+              f"own frames/s (floor: ≤ 15 %)."]  # fmt: skip
+    if len(rows) > 2:
+        lines.append(
+            f"Service vs the original design in the same loop: {service / rows[2]['fps']:.2f}×."
+        )
+    lines.append(
+        "p50/p95 of the service: the result's `timings_ms.total` (consume to result ready)."
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pipeline.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "pipeline.json").write_text(json.dumps({"command": command, "rows": rows, "machine": facts},
+                                                      indent=2, default=str))  # fmt: skip
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
