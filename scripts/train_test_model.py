@@ -78,11 +78,13 @@ def train(
     close_mosaic: int,
     workers: int,
     run_dir: Path,
+    init: Path | None = None,
 ) -> float:
-    """Train from yolov8n.yaml; return the wall time in seconds. Results land in `run_dir`."""
+    """Train from yolov8n.yaml, or continue from ``init`` (a checkpoint made here by an earlier
+    run of this script); return the wall time in seconds. Results land in `run_dir`."""
     from ultralytics.models import YOLO
 
-    model = YOLO("yolov8n.yaml")
+    model = YOLO(str(init) if init is not None else "yolov8n.yaml")
     started = time.perf_counter()
     model.train(
         data=str(data),
@@ -98,7 +100,7 @@ def train(
         workers=workers,
         device="cpu",
         cache=True,
-        pretrained=False,
+        pretrained=init is not None,
         amp=False,
         plots=False,
         project=str(run_dir.parent),
@@ -311,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "test_model")
     parser.add_argument("--out", type=Path, default=REPO / "models" / "test")
     parser.add_argument("--log", type=Path, default=None, help="training log to scan for downloads")
+    parser.add_argument(
+        "--init", type=Path, default=None, help="continue from this checkpoint (made here)"
+    )
     parser.add_argument("--eval-only", action="store_true", help="skip training, use --run-dir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -337,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             args.close_mosaic,
             args.workers,
             run_dir,
+            args.init,
         )
         info = {
             "command": shlex.join(
@@ -350,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "close_mosaic": args.close_mosaic,
             "workers": args.workers,
             "imgsz": args.imgsz,
+            "init": str(args.init) if args.init else None,
         }
         info_path.write_text(json.dumps(info, indent=2) + "\n")
         log.info("training took %.1f min", seconds / 60.0)
