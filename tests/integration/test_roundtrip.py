@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,3 +118,50 @@ def test_collect_reports_missing_and_duplicated_frames(
     col = cli(env, "collect", "--video-id", "other", "--timeout", "30")
     assert col.returncode == 0, col.stderr
     assert [r["frame_id"] for r in json.loads(col.stdout)["frames"]] == [2]
+
+
+@pytest.mark.kafka
+def test_replay_dlq_copies_selected_dead_letters_once(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], stack_env: dict[str, str]
+) -> None:
+    from confluent_kafka import Consumer, Producer
+
+    dlq, tasks = unique_topic(1, "dlq"), unique_topic(1, "tasks")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i, code in enumerate(["frame_not_found", "undecodable_frame", "frame_not_found"]):
+        producer.produce(dlq, key=b"vid", value=f'{{"frame_id": {i}}}'.encode(), headers=[
+            ("error.code", code.encode()), ("error.message", b"why"),
+            ("source.topic", b"inference_tasks"), ("source.partition", b"0"),
+            ("source.offset", str(i).encode()),
+        ])  # fmt: skip
+    assert producer.flush(30) == 0
+    env = {**os.environ, **stack_env, "INFERENCE_DLQ_TOPIC": dlq, "INFERENCE_TASKS_TOPIC": tasks}
+    script = [sys.executable, str(ROOT / "scripts" / "replay_dlq.py"), "--group", f"g-{dlq}"]
+
+    def replay(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*script, *args], env=env, capture_output=True, text=True,
+                              timeout=120, check=False)  # fmt: skip
+
+    dry = replay("--dry-run", "--code", "frame_not_found")
+    assert dry.returncode == 0 and "dry run: 2 would be replayed" in dry.stdout, dry.stderr
+    run = replay("--code", "frame_not_found")
+    assert run.returncode == 0 and "replayed 2 dead letters" in run.stdout, run.stderr
+    again = replay("--code", "frame_not_found")  # the group's offsets were committed
+    assert again.returncode == 0 and "replayed 0 dead letters" in again.stdout, again.stderr
+
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"r-{tasks}",
+                         "auto.offset.reset": "earliest"})  # fmt: skip
+    consumer.subscribe([tasks])
+    got: list[tuple[bytes | None, bytes | None, dict[str, bytes]]] = []
+    deadline = time.monotonic() + 30
+    while len(got) < 2 and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is not None and msg.error() is None:
+            raw: Any = msg.headers() or []
+            got.append((msg.key(), msg.value(), dict(raw)))
+    consumer.close()
+    assert [(k, v) for k, v, _h in got] == [
+        (b"vid", b'{"frame_id": 0}'),
+        (b"vid", b'{"frame_id": 2}'),
+    ]
+    assert all(h["replayed.from"].startswith(dlq.encode()) for _k, _v, h in got)
