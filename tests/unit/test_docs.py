@@ -1,0 +1,60 @@
+"""docs/operations.md: its settings table is the code's, its links and commands exist."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from inference_service.settings import Settings, env_name, settings_table
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "operations.md"
+
+
+def gen_docs() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gen_docs", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_settings_block_matches_the_code() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    assert gen_docs().render(text) == text, (
+        "docs/operations.md's settings table drifted from settings.py: "
+        "run .venv/bin/python scripts/gen_docs.py"
+    )
+    for name in Settings.model_fields:
+        assert f"`{env_name(name)}`" in text
+
+
+def test_render_replaces_only_the_block() -> None:
+    g = gen_docs()
+    text = f"intro\n{g.BEGIN}\nold table\n{g.END}\noutro\n"
+    out = g.render(text, table="| new |")
+    assert out == f"intro\n{g.BEGIN}\n| new |\n{g.END}\noutro\n"
+    assert g.render(g.render(text)) == g.render(text)  # idempotent
+    with pytest.raises(g.MarkerError):
+        g.render("no markers")
+
+
+def test_the_table_is_the_settings_table() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    assert settings_table() in text
+
+
+def test_relative_links_point_at_files() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+        assert (DOC.parent / target).exists(), f"broken link: {target}"
+
+
+def test_readme_links_the_operations_guide() -> None:
+    assert "docs/operations.md" in (ROOT / "README.md").read_text(encoding="utf-8")
