@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 DetectorFactory = Callable[[], FrameDetector]
 """Builds the detector inside a worker process; must be picklable (module-level or a partial)."""
 
+_START_CRASHES = 3
+"""Deaths of one worker before the pool was first ready after which start() gives up."""
+
 _POLL_S = 0.2
 """How often blocked loops look at their stop flags (well under the one-second promise)."""
 
@@ -607,6 +610,11 @@ class DetectorPool:
             streak = self._crash_streak.get(worker.index, 0) + (0 if worker.ready else 1)
             self._crash_streak[worker.index] = streak
             delay = 0.0 if streak == 0 else min(0.25 * 2 ** (streak - 1), 10.0)
+            if not self._ever_ready and streak >= _START_CRASHES and self._fatal is None:
+                self._fatal = (
+                    f"detector worker {worker.index} exited with code {code} before its model "
+                    f"was ready, {streak} times in a row"
+                )
             # While start() fails with a worker's own load error, nothing is respawned.
             if self._fatal is None or self._ever_ready:
                 self._respawn_at[worker.index] = time.monotonic() + delay

@@ -69,10 +69,13 @@ class FakeDetector:
 @dataclass(frozen=True)
 class FakeFactory:
     fail: bool = False
+    crash: bool = False
 
     def __call__(self) -> FakeDetector:
         if self.fail:
             raise RuntimeError("no such model")
+        if self.crash:
+            os.kill(os.getpid(), signal.SIGKILL)
         return FakeDetector()
 
 
@@ -262,3 +265,12 @@ def test_plan_workers(
     workers: object, threads: object, cpus: int, expected: tuple[int, int]
 ) -> None:
     assert plan_workers(settings(workers=workers, threads=threads), cpus) == expected
+
+
+def test_workers_that_die_while_loading_fail_the_start() -> None:
+    async def go() -> None:
+        pool = DetectorPool(settings(), FakeFactory(crash=True), processes=1, threads=1)
+        with pytest.raises(ModelError, match="before its model was ready, 3 times"):
+            await pool.start()
+
+    run(go())
