@@ -64,3 +64,4 @@ def test_error_result_of_a_missing_file() -> None:
     assert out["status"] == "error"
     assert out["error"] == {"code": "frame_not_found", "message": "gone.jpg: no such file"}
     assert out["image"] is None
+    assert set(out["timings_ms"]) == {"fetch", "decode", "inference", "total"}

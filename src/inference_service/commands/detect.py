@@ -194,7 +194,7 @@ def frame_result(
 ) -> Result:
     """The result record of one frame (``source`` added beside SPEC.md's fields)."""
     path = str(frame.source.path)
-    timings: dict[str, float] = {"fetch": frame.read_ms}
+    timings: dict[str, float] = {"fetch": frame.read_ms, "decode": 0.0, "inference": 0.0}
     if found is not None:
         timings.update(
             decode=found.decode_ms,
