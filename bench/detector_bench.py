@@ -562,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--models", default=None, help="comma-separated: test,yolov8n,yolov8s")
+    parser.add_argument("--report", default=None, help="report name (default: detector / sweep)")
     args = parser.parse_args(argv)
     os.environ.update(_ultralytics_env())  # for every helper process spawned from here
     frames_n = args.frames or (24 if args.quick else 64)
@@ -589,7 +590,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log_line(f"  {m.fps:.1f} frames/s, p50 {m.p50_ms:.0f} ms, p95 {m.p95_ms:.0f} ms")
     write_report(
-        "sweep" if args.sweep else "detector", facts, gemm, cases, results, frames_n, repeats
+        args.report or ("sweep" if args.sweep else "detector"),
+        facts,
+        gemm,
+        cases,
+        results,
+        frames_n,
+        repeats,
     )
     log_line(f"done in {time.monotonic() - t_start:.0f} s")
     return 0
