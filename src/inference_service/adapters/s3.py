@@ -33,12 +33,52 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def open_store(
+    settings: Settings,
+    bucket: str,
+    *,
+    timeout_s: float = 30.0,
+    max_retries: int = 2,
+    retry_timeout_s: float = 10.0,
+) -> S3Store:
+    """An obstore store for ``bucket``: endpoint and region from the settings, credentials from
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN`` when set (else obstore's
+    own chain: instance profile, web identity, ...), path-style addressing, pooled connections."""
+    client: ClientConfig = {
+        "allow_http": True,
+        "connect_timeout": timedelta(seconds=3),
+        "timeout": timedelta(seconds=timeout_s),
+        "pool_max_idle_per_host": "64",
+    }
+    retry: RetryConfig = {
+        "max_retries": max_retries,
+        "retry_timeout": timedelta(seconds=retry_timeout_s),
+    }
+    kwargs: dict[str, str] = {"region": settings.s3_region}
+    if settings.s3_endpoint_url:
+        kwargs["endpoint"] = settings.s3_endpoint_url
+    key_id = os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key_id and secret:
+        kwargs["access_key_id"] = key_id
+        kwargs["secret_access_key"] = secret
+        if token := os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = token
+    return S3Store(
+        bucket,
+        client_options=client,
+        retry_config=retry,
+        virtual_hosted_style_request=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
 class S3FrameStore:
     """:class:`~inference_service.ports.FrameStore` on S3, with bounded concurrency."""
 
     def __init__(self, settings: Settings) -> None:
+        self._settings = settings
         self._endpoint = settings.s3_endpoint_url
-        self._region = settings.s3_region
         self._max_bytes = settings.max_frame_bytes
         self._stores: dict[str, S3Store] = {}
         self._limit = asyncio.Semaphore(settings.s3_concurrency)
@@ -46,31 +86,7 @@ class S3FrameStore:
     def _store(self, bucket: str) -> S3Store:
         store = self._stores.get(bucket)
         if store is None:
-            client: ClientConfig = {
-                "allow_http": True,
-                "connect_timeout": timedelta(seconds=3),
-                "timeout": timedelta(seconds=30),
-                "pool_max_idle_per_host": "64",
-            }
-            retry: RetryConfig = {"max_retries": 2, "retry_timeout": timedelta(seconds=10)}
-            kwargs: dict[str, str] = {"region": self._region}
-            if self._endpoint:
-                kwargs["endpoint"] = self._endpoint
-            key_id = os.environ.get("AWS_ACCESS_KEY_ID")
-            secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
-            if key_id and secret:
-                kwargs["access_key_id"] = key_id
-                kwargs["secret_access_key"] = secret
-                token = os.environ.get("AWS_SESSION_TOKEN")
-                if token:
-                    kwargs["session_token"] = token
-            store = S3Store(
-                bucket,
-                client_options=client,
-                retry_config=retry,
-                virtual_hosted_style_request=False,
-                **kwargs,  # type: ignore[arg-type]
-            )
+            store = open_store(self._settings, bucket)
             self._stores[bucket] = store
         return store
 

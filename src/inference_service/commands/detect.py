@@ -20,11 +20,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, cast
 
 from inference_service.domain import FrameDetections, ModelInfo, Result, ResultError
 from inference_service.errors import FrameNotFoundError, TaskError, UndecodableFrameError
 from inference_service.pool import DetectorPool
+from inference_service.progress import Progress
 from inference_service.settings import Settings, add_cli_flags, load_settings, overrides_from_args
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
-_LOG_EVERY_S = 5.0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -247,45 +247,6 @@ def _write_annotation(
 # The run
 
 
-class _Progress:
-    """A tqdm bar on a terminal, a log line every few seconds otherwise."""
-
-    def __init__(self, total: int) -> None:
-        self._bar: Any = None
-        self._done = 0
-        self._started = time.monotonic()
-        self._last_log = self._started
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, unit="frame", file=sys.stderr, dynamic_ncols=True)
-
-    def update(self) -> None:
-        self._done += 1
-        if self._bar is not None:
-            self._bar.update(1)
-            return
-        now = time.monotonic()
-        if now - self._last_log >= _LOG_EVERY_S:
-            self._last_log = now
-            log.info(
-                "detect: %d frames done, %.1f frames/s",
-                self._done,
-                self._done / (now - self._started),
-            )
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elapsed = time.monotonic() - self._started
-        log.info(
-            "detect: %d frames in %.1f s (%.1f frames/s)",
-            self._done,
-            elapsed,
-            self._done / elapsed if elapsed > 0 else 0.0,
-        )
-
-
 async def _detect_all(
     settings: Settings, sources: list[Source], out: IO[str], annotate_dir: Path | None
 ) -> list[str]:
@@ -293,7 +254,7 @@ async def _detect_all(
     total = await asyncio.to_thread(_count_frames, sources)
     async with DetectorPool(settings) as pool:
         window = pool.processes * 8
-        progress = _Progress(total)
+        progress = Progress("detect", total)
         pending: collections.deque[tuple[Frame, float, Awaitable[FrameDetections] | None]] = (
             collections.deque()
         )

@@ -16,15 +16,14 @@ import collections
 import itertools
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from inference_service.progress import Progress
 from inference_service.settings import Settings, add_cli_flags, load_settings, overrides_from_args
 
 if TYPE_CHECKING:
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
-_LOG_EVERY_S = 5.0
 _JPEG_QUALITY = 90
 
 
@@ -206,25 +204,10 @@ def task_record(video_id: str, frame_id: int, bucket: str, frame: SourceFrame) -
 
 
 def s3_store(settings: Settings, bucket: str) -> S3Store:
-    """An obstore S3 store for ``bucket`` (endpoint, region and credentials as the service's)."""
-    from obstore.store import S3Store
+    """An obstore S3 store for ``bucket`` as the service opens it, with patient retries for PUTs."""
+    from inference_service.adapters.s3 import open_store
 
-    kwargs: dict[str, Any] = {"region": settings.s3_region}
-    if settings.s3_endpoint_url:
-        kwargs["endpoint"] = settings.s3_endpoint_url
-    key_id = os.environ.get("AWS_ACCESS_KEY_ID")
-    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if key_id and secret:
-        kwargs.update(access_key_id=key_id, secret_access_key=secret)
-        if token := os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = token
-    return S3Store(
-        bucket,
-        client_options={"allow_http": True, "timeout": timedelta(seconds=60)},
-        retry_config={"max_retries": 5, "retry_timeout": timedelta(seconds=60)},
-        virtual_hosted_style_request=False,
-        **kwargs,
-    )
+    return open_store(settings, bucket, timeout_s=60.0, max_retries=5, retry_timeout_s=60.0)
 
 
 async def submit(settings: Settings, video_id: str, frames: Iterator[SourceFrame]) -> SubmitReport:
@@ -257,7 +240,7 @@ async def submit(settings: Settings, video_id: str, frames: Iterator[SourceFrame
             await obstore.put_async(store, object_key(video_id, frame_id), frame.jpeg)
 
     window: collections.deque[tuple[int, SourceFrame, asyncio.Task[None]]] = collections.deque()
-    progress = _Progress()
+    progress = Progress("submit")
     started = time.monotonic()
 
     async def publish_oldest() -> None:
@@ -311,33 +294,3 @@ async def submit(settings: Settings, video_id: str, frames: Iterator[SourceFrame
             log.error("submit: Kafka delivery failed: %s", message)
     report.elapsed_s = time.monotonic() - started
     return report
-
-
-class _Progress:
-    """A tqdm bar on a terminal, a log line every few seconds otherwise."""
-
-    def __init__(self) -> None:
-        self._bar: Any = None
-        self._done = 0
-        self._started = time.monotonic()
-        self._last_log = self._started
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(unit="frame", file=sys.stderr, dynamic_ncols=True, desc="submit")
-
-    def update(self) -> None:
-        self._done += 1
-        if self._bar is not None:
-            self._bar.update(1)
-            return
-        now = time.monotonic()
-        if now - self._last_log >= _LOG_EVERY_S:
-            self._last_log = now
-            log.info(
-                "submit: %d frames, %.1f frames/s", self._done, self._done / (now - self._started)
-            )
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
