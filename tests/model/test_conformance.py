@@ -41,17 +41,13 @@ IMAGE_DIRS = (ROOT / "tests" / "data" / "photos", ROOT / "models" / "test" / "co
 CONF = 0.25
 IOU = 0.45
 CONFIGS = ("openvino/fp32", "onnxruntime/fp32", "openvino/bf16")
-BF16_KNOWN_DEVIATION = (
-    "OpenVINO bf16 misses SPEC.md's bf16 box tolerance on 1 of 218 detections of the test model "
-    "(IoU 0.899 < 0.95 on conformance/20_640x480_vga.jpg; max Δconf 0.019); the error comes from "
-    "bf16 feature maps (keeping the head in f32 does not reduce it). fp32 is the default."
-)
-CONFIG_PARAMS = [
-    pytest.param(c, marks=pytest.mark.xfail(reason=BF16_KNOWN_DEVIATION, strict=False))
-    if c.endswith("bf16")
-    else c
-    for c in CONFIGS
-]
+BF16_MAX_FAILING_SHARE = 0.02
+"""bf16 misses SPEC.md's bf16 tolerance on a few detections of the test model: measured 3 of 235
+(IoU 0.880 and 0.946 on real photos where the synthetic-shape model is out of its domain, and one
+5-px disc at confidence 0.42 not found); keeping the head in f32 does not reduce the error, which
+comes from the bf16 feature maps. This bound keeps that deviation from growing unnoticed; fp32 is
+the default and meets the strict tolerance exactly."""
+BF16_MIN_IOU = 0.85
 
 _SOCKET_BLOCKER = """
 import os, socket
@@ -255,16 +251,12 @@ def compare(
         agreement.failures.append(f"{where}: detections not ordered by confidence")
 
 
-@pytest.mark.parametrize("config", CONFIG_PARAMS)
-def test_detections_match_reference(
-    config: str,
-    detectors: dict[str, YoloDetector],
-    reference: dict[Path, list[Detection]],
-) -> None:
+def _agreement(
+    config: str, detector: YoloDetector, reference: dict[Path, list[Detection]]
+) -> tuple[Agreement, int]:
     images = list(reference)
     if not images:
         pytest.skip(f"no images in {', '.join(str(d.relative_to(ROOT)) for d in IMAGE_DIRS)}")
-    detector = detectors[config]
     assert detector.info.runtime == config
     agreement = Agreement()
     total_ref = 0
@@ -281,6 +273,28 @@ def test_detections_match_reference(
         )
     print(f"\nconformance {config}: {json.dumps(agreement.summary())} (reference: {total_ref})")
     assert total_ref > 0, "the reference found nothing: the test would prove nothing"
+    return agreement, total_ref
+
+
+def test_bf16_deviation_stays_within_measured_bounds(
+    detectors: dict[str, YoloDetector],
+    reference: dict[Path, list[Detection]],
+) -> None:
+    """openvino/bf16 against SPEC.md's bf16 tolerance: see ``BF16_MAX_FAILING_SHARE``."""
+    agreement, total_ref = _agreement("openvino/bf16", detectors["openvino/bf16"], reference)
+    share = len(agreement.failures) / total_ref
+    assert share <= BF16_MAX_FAILING_SHARE, "\n".join(agreement.failures[:20])
+    assert agreement.min_iou >= BF16_MIN_IOU, agreement.summary()
+    assert agreement.max_dconf <= 0.02, agreement.summary()
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.endswith("fp32")])
+def test_detections_match_reference(
+    config: str,
+    detectors: dict[str, YoloDetector],
+    reference: dict[Path, list[Detection]],
+) -> None:
+    agreement, _total = _agreement(config, detectors[config], reference)
     assert not agreement.failures, "\n".join(agreement.failures[:20])
 
 
