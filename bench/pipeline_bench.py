@@ -129,6 +129,26 @@ def read_until(
     return last, results
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its reaped children (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11:15]) / ticks
+
+
+def stack_pids() -> dict[str, int]:
+    """The local stack's server pids (``.stack/<name>/pid``), when it runs here."""
+    out = {}
+    for name in ("kafka", "s3"):
+        path = ROOT / ".stack" / name / "pid"
+        if path.exists():
+            out[name] = int(path.read_text().strip())
+    return out
+
+
 def _percentiles(values: list[float]) -> tuple[float, float]:
     ordered = sorted(values)
     return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
@@ -192,9 +212,16 @@ def bench_service(model: Path, tasks: list[tuple[bytes, bytes]], bootstrap: str)
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"service did not become ready; see {log_path}")
                 time.sleep(0.3)
+            servers = stack_pids()
+            before = {name: cpu_seconds(pid) for name, pid in servers.items()}
+            before["service main process"] = cpu_seconds(proc.pid)
             t0 = time.monotonic()
             produce(bootstrap, tasks_topic, tasks)
             last, results = read_until(bootstrap, results_topic, len(tasks), timeout=600)
+            wall = last - t0
+            after = {name: cpu_seconds(pid) for name, pid in servers.items()}
+            after["service main process"] = cpu_seconds(proc.pid)
+            cpu_share = {name: (after[name] - before[name]) / wall for name in before}
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
@@ -203,7 +230,8 @@ def bench_service(model: Path, tasks: list[tuple[bytes, bytes]], bootstrap: str)
     return {"design": "service (Kafka → S3 → pool → Kafka, exactly_once)",
             "fps": len(tasks) / (last - t0), "p50_ms": p50, "p95_ms": p95,
             "runtime": results[0]["model"]["runtime"], "layout": "auto",
-            "ok": sum(r["status"] == "ok" for r in results)}  # fmt: skip
+            "ok": sum(r["status"] == "ok" for r in results),
+            "cpu_cores_used": {k: round(v, 3) for k, v in cpu_share.items()}}  # fmt: skip
 
 
 def _reference_detect(data: bytes) -> int:
@@ -337,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     service = rows[1]["fps"]
     lines += ["", f"Pipeline overhead: {100 * (1 - service / detector_fps):.1f} % of the detector's "
               f"own frames/s (floor: ≤ 15 %)."]  # fmt: skip
+    shares = rows[1].get("cpu_cores_used", {})
+    if shares:
+        used = ", ".join(f"{name} {share:.2f}" for name, share in shares.items())
+        lines.append(
+            f"CPU cores used during the service run, besides the detector workers: {used} "
+            f"(of {os.cpu_count()} cores; the broker and S3 server share this machine here)."
+        )
     if len(rows) > 2:
         lines.append(
             f"Service vs the original design in the same loop: {service / rows[2]['fps']:.2f}×."
