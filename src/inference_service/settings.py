@@ -60,7 +60,10 @@ class Settings(BaseSettings):
         256, ge=1, description="Most records taken from Kafka in one poll."
     )
     commit_interval_ms: int = Field(
-        200, ge=10, le=60_000, description="How often results and offsets are committed."
+        500,
+        ge=10,
+        le=60_000,
+        description="How often results and offsets are committed (one transaction each).",
     )
 
     # --- S3 ----------------------------------------------------------------------------------
