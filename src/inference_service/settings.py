@@ -98,10 +98,6 @@ class Settings(BaseSettings):
     threads: int | Literal["auto"] = Field(
         "auto", description="Inference threads per detector process; auto: CPUs / workers."
     )
-    batch_size: int = Field(1, ge=1, le=64, description="Most frames per inference call.")
-    batch_timeout_ms: float = Field(
-        2.0, ge=0.0, le=1000.0, description="Longest wait for a batch to fill."
-    )
     cache_dir: Path = Field(
         Path("~/.cache/inference-service"),
         description="Where converted models are cached (keyed by the model file's sha256).",
