@@ -16,6 +16,7 @@ every port, SeaweedFS's internal ones included, so that a second stack can run b
 
 from __future__ import annotations
 
+import abc
 import argparse
 import base64
 import contextlib
@@ -150,7 +151,7 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 @dataclass(kw_only=True)
-class Server:
+class Server(abc.ABC):
     """One server process: how to start it, how to know it is ours and that it answers."""
 
     name: str
@@ -162,9 +163,9 @@ class Server:
         self.home = self.cfg.state_dir / self.name
 
     @property
+    @abc.abstractmethod
     def marker(self) -> str:
         """A command-line argument unique to our process (guards against a reused pid)."""
-        raise NotImplementedError
 
     @property
     def pid_file(self) -> Path:
@@ -193,15 +194,16 @@ class Server:
         return {str(k): int(v) for k, v in data.items()}
 
     # Subclasses fill these in.
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 (optional hook: the default prepares nothing)
         """Create directories and configuration; idempotent."""
 
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The server's command line."""
 
+    @abc.abstractmethod
     def probe(self) -> str | None:
         """None when the server answers a request, else why not."""
-        raise NotImplementedError
 
     def all_ports(self) -> list[int]:
         """Every TCP port the server listens on (``ports`` plus any derived ones)."""
