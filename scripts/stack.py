@@ -49,6 +49,8 @@ ACCESS_KEY = "inference"
 SECRET_KEY = "inference-secret"
 REGION = "us-east-1"
 BUCKET = "frames"
+PROBE_KEY = "_stack/probe"
+"""An object the S3 readiness probe writes and reads back."""
 HOST = "127.0.0.1"
 
 START_TIMEOUT_S = 120.0
@@ -542,6 +544,22 @@ class SeaweedS3(Server):
             client.head_bucket(Bucket=BUCKET)
         except (BotoCoreError, ClientError) as exc:
             return f"HEAD bucket {BUCKET}: {exc}"
+        # The gateway answers before the volume server serves data: read the probe object an
+        # earlier start left (old data readable), then write and read a fresh one.
+        try:
+            client.get_object(Bucket=BUCKET, Key=PROBE_KEY)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchKey":
+                return f"GET {PROBE_KEY}: {exc}"
+        except BotoCoreError as exc:
+            return f"GET {PROBE_KEY}: {exc}"
+        token = uuid.uuid4().hex.encode()
+        try:
+            client.put_object(Bucket=BUCKET, Key=PROBE_KEY, Body=token)
+            if client.get_object(Bucket=BUCKET, Key=PROBE_KEY)["Body"].read() != token:
+                return f"GET {PROBE_KEY} returned other bytes than were put"
+        except (BotoCoreError, ClientError) as exc:
+            return f"PUT/GET {PROBE_KEY}: {exc}"
         return None
 
 
