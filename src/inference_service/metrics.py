@@ -39,6 +39,10 @@ class Metrics:
             "inference_consumer_lag", "Records behind the end of each assigned partition.",
             ["topic", "partition"], registry=r,
         )  # fmt: skip
+        self.assigned_partitions = Gauge(
+            "inference_assigned_partitions", "Tasks-topic partitions assigned to this replica.",
+            registry=r,
+        )  # fmt: skip
         self.rebalances = Counter(
             "inference_rebalances", "Partition assignment changes, by kind.", ["kind"], registry=r
         )

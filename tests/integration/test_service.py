@@ -64,6 +64,21 @@ def wait_metric(svc: Any, name: str, at_least: float, timeout: float = 120.0) ->
     raise AssertionError(f"{name} stayed at {value} < {at_least}:\n{svc.log_tail()}")
 
 
+def wait_shared(a: Any, b: Any, partitions: int, timeout: float = 60.0) -> None:
+    """Wait until the group has settled: both replicas hold partitions, all of them together."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = (
+            a.metric("inference_assigned_partitions"),
+            b.metric("inference_assigned_partitions"),
+        )
+        if min(held) > 0 and sum(held) == partitions:
+            time.sleep(0.5)  # let the second round of the cooperative rebalance finish
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"partitions not shared after {timeout} s: {held}")
+
+
 def test_every_task_gets_one_valid_result_in_order(pipeline: Pipeline, s3_client: Any) -> None:
     tasks = upload_videos(pipeline, s3_client, videos=5, frames=60)
     pipeline.produce(tasks)
@@ -92,6 +107,7 @@ def test_two_replicas_share_the_partitions(pipeline: Pipeline, s3_client: Any) -
     b = pipeline.service()
     a.wait_ready()
     b.wait_ready()
+    wait_shared(a, b, partitions=3)
     pipeline.produce(tasks)
     results = results_of(pipeline.read(pipeline.results_topic, expected=len(tasks)))
     assert len(results) == len(tasks) == len({r["task_id"] for r in results})
@@ -112,6 +128,7 @@ def test_replica_killed_mid_stream_loses_nothing(
     survivor = pipeline.service(**opts)
     victim.wait_ready()
     survivor.wait_ready()
+    wait_shared(victim, survivor, partitions=3)
     pipeline.produce(tasks)
     wait_metric(victim, "inference_results_total", 40)
     victim.signal(signal.SIGKILL)

@@ -143,6 +143,7 @@ class KafkaPipeline:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._acks: dict[Partition, _AckLane] = {}
+        self._uncommitted: dict[Partition, int] = {}
         self._backoff = Backoff(initial_s=0.2, max_s=5.0)
         self._last_lag = 0.0
         self._commit_failures = 0
@@ -310,6 +311,7 @@ class KafkaPipeline:
         self._metrics.rebalances.labels("assigned").inc()
         for tp in partitions:
             self._assigned.add((tp.topic, tp.partition))
+        self._metrics.assigned_partitions.set(len(self._assigned))
         log.info("assigned %s", _names(partitions))
         if self._paused and partitions:
             consumer.pause(partitions)
@@ -331,6 +333,8 @@ class KafkaPipeline:
         for p in partitions:
             self._assigned.discard(p)
             self._acks.pop(p, None)
+            self._uncommitted.pop(p, None)
+        self._metrics.assigned_partitions.set(len(self._assigned))
         self._on_loop(lambda: self._inflight.drop(partitions))
 
     def _on_loop(self, fn: Callable[[], object]) -> None:
@@ -589,7 +593,6 @@ class KafkaPipeline:
         assert self._consumer is not None and self._producer is not None
         if flush:
             self._producer.flush(30)
-        commits: list[TopicPartition] = []
         rewind: dict[Partition, int] = {}
         for p in partitions:
             lane = self._acks.get(p)
@@ -597,17 +600,25 @@ class KafkaPipeline:
                 continue
             offset = lane.committable()
             if offset is not None:
-                commits.append(TopicPartition(p[0], p[1], offset))
+                self._uncommitted[p] = offset
             if lane.failed is not None:
                 rewind[p] = lane.failed
                 self._acks.pop(p)
-        if commits:
+        # Offsets whose commit failed (e.g. during a rebalance) are tried again every cycle.
+        todo = {p: o for p, o in self._uncommitted.items() if p in self._assigned}
+        if todo:
             try:
-                self._consumer.commit(offsets=commits, asynchronous=False)
+                self._consumer.commit(
+                    offsets=[TopicPartition(t, n, o) for (t, n), o in todo.items()],
+                    asynchronous=False,
+                )
                 self._metrics.transactions.labels("committed").inc()
+                for p, o in todo.items():
+                    if self._uncommitted.get(p) == o:
+                        del self._uncommitted[p]
             except KafkaException as exc:
                 self._metrics.transactions.labels("failed").inc()
-                log.warning("offset commit failed (will retry with later offsets): %s", exc)
+                log.warning("offset commit failed (retried next cycle): %s", exc)
         if rewind:
             self._rewind(rewind)
 
