@@ -144,6 +144,7 @@ class KafkaPipeline:
         self._producer: Producer | None = None
         self._acks: dict[Partition, _AckLane] = {}
         self._uncommitted: dict[Partition, int] = {}
+        self._reapply_pause: list[TopicPartition] = []
         self._backoff = Backoff(initial_s=0.2, max_s=5.0)
         self._last_lag = 0.0
         self._commit_failures = 0
@@ -294,6 +295,13 @@ class KafkaPipeline:
         messages: list[Message] = self._consumer.consume(
             num_messages=self._s.max_poll_records if not self._paused else 1, timeout=0.05
         )
+        if self._reapply_pause:
+            fresh = [TopicPartition(tp.topic, tp.partition) for tp in self._reapply_pause]
+            self._reapply_pause.clear()
+            if self._paused:
+                self._consumer.pause(fresh)
+            else:
+                self._consumer.resume(fresh)
         out: list[Message] = []
         for msg in messages:
             err = msg.error()
@@ -313,8 +321,9 @@ class KafkaPipeline:
             self._assigned.add((tp.topic, tp.partition))
         self._metrics.assigned_partitions.set(len(self._assigned))
         log.info("assigned %s", _names(partitions))
-        if self._paused and partitions:
-            consumer.pause(partitions)
+        # librdkafka keeps a partition's pause flag across a loss and re-assignment: set it
+        # explicitly once the assignment is in place (see _poll).
+        self._reapply_pause.extend(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._metrics.rebalances.labels("revoked").inc()
