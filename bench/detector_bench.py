@@ -111,29 +111,11 @@ def render_frames(count: int) -> list[bytes]:
 
 
 def _scene_renderer() -> Callable[[np.random.Generator], Any]:
-    script = ROOT / "scripts" / "synthetic.py"
-    if script.exists():
-        import importlib.util
+    """The repository's synthetic scenes (``scripts/synthetic.py``) at 1280x720."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import synthetic
 
-        spec = importlib.util.spec_from_file_location("bench_synthetic", script)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_synthetic"] = module
-        spec.loader.exec_module(module)
-        return lambda rng: module.render_scene(rng, WIDTH, HEIGHT)[0]
-
-    def textured(rng: np.random.Generator) -> Any:
-        import cv2
-
-        noise = rng.integers(0, 255, (HEIGHT // 8, WIDTH // 8, 3), dtype=np.uint8)
-        image = cv2.resize(noise, (WIDTH, HEIGHT), interpolation=cv2.INTER_CUBIC)
-        for _ in range(6):
-            centre = (int(rng.integers(0, WIDTH)), int(rng.integers(0, HEIGHT)))
-            colour = tuple(int(c) for c in rng.integers(0, 255, 3))
-            cv2.circle(image, centre, int(rng.integers(20, 150)), colour, -1)
-        return image
-
-    return textured
+    return lambda rng: synthetic.render_scene(rng, WIDTH, HEIGHT)[0]
 
 
 @dataclass(frozen=True)

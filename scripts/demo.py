@@ -16,7 +16,6 @@ Steps, each timed:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -29,7 +28,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from inference_service.report import write_html
@@ -192,8 +190,8 @@ def render_video(
     """``frames`` frames of moving test-model shapes, written as MPEG-4 Part 2 (``mp4v``)."""
     import cv2
     import numpy as np
+    import synthetic  # scripts/ is on sys.path when this script runs
 
-    synthetic = _synthetic()
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (width, height))
     if not writer.isOpened():
         raise SystemExit(f"OpenCV cannot write {path} with the mp4v codec")
@@ -298,15 +296,6 @@ def _port(preferred: int) -> int:
             port = int(s.getsockname()[1])
     log.info("port %d is taken; the demo's service uses %d", preferred, port)
     return port
-
-
-def _synthetic() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("synthetic", ROOT / "scripts" / "synthetic.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("synthetic", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tail(path: Path, lines: int = 40) -> str:

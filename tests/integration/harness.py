@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -15,7 +14,6 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import cv2
@@ -28,19 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 TEST_MODEL = Path(os.environ.get("INFERENCE_TEST_MODEL", ROOT / "models" / "test" / "best.pt"))
 
 
-def synthetic() -> ModuleType:
-    """The repository's synthetic scene renderer (``scripts/synthetic.py``)."""
-    spec = importlib.util.spec_from_file_location("synthetic", ROOT / "scripts" / "synthetic.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("synthetic", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def render_jpegs(n: int, seed: int = 0, width: int = 320, height: int = 240) -> list[bytes]:
     """``n`` JPEG frames with objects of the test model's classes."""
-    synth = synthetic()
+    import synthetic as synth  # scripts/ is on pytest's pythonpath
+
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):

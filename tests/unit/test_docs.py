@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 
+import gen_docs  # scripts/gen_docs.py; scripts/ is on pytest's pythonpath
 import pytest
 
 from inference_service.settings import Settings, env_name, settings_table
@@ -16,18 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "operations.md"
 
 
-def gen_docs() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gen_docs", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_settings_block_matches_the_code() -> None:
     text = DOC.read_text(encoding="utf-8")
-    assert gen_docs().render(text) == text, (
+    assert gen_docs.render(text) == text, (
         "docs/operations.md's settings table drifted from settings.py: "
         "run .venv/bin/python scripts/gen_docs.py"
     )
@@ -36,7 +25,7 @@ def test_settings_block_matches_the_code() -> None:
 
 
 def test_render_replaces_only_the_block() -> None:
-    g = gen_docs()
+    g = gen_docs
     text = f"intro\n{g.BEGIN}\nold table\n{g.END}\noutro\n"
     out = g.render(text, table="| new |")
     assert out == f"intro\n{g.BEGIN}\n| new |\n{g.END}\noutro\n"
