@@ -66,6 +66,16 @@ class InFlight:
         self._count += 1
         self._bytes += nbytes
 
+    def ready(self) -> int:
+        """How many records :meth:`take_finished` would return now."""
+        total = 0
+        for lane in self._lanes.values():
+            for slot in lane:
+                if not slot.work.done():
+                    break
+                total += 1
+        return total
+
     def take_finished(self) -> list[Finished]:
         """Remove and return the finished prefix of every lane, in order within each lane."""
         out: list[Finished] = []

@@ -41,10 +41,14 @@ def test_head_blocks_later_finished_work():
         slow = asyncio.ensure_future(finish_after(0, 0.2))
         lanes.add(("t", 0), 0, slow, 1)
         lanes.add(("t", 0), 1, asyncio.ensure_future(finish_after(1, 0)), 1)
+        lanes.add(("t", 1), 5, asyncio.ensure_future(finish_after(5, 0)), 1)
         await asyncio.sleep(0.02)
-        assert lanes.take_finished() == []
+        assert lanes.ready() == 1  # partition 1's record; partition 0 waits for its head
+        assert [f.offset for f in lanes.take_finished()] == [5]
         await slow
+        assert lanes.ready() == 2
         assert [f.offset for f in lanes.take_finished()] == [0, 1]
+        assert lanes.ready() == 0
 
     asyncio.run(scenario())
 

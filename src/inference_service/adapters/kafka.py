@@ -160,6 +160,7 @@ class KafkaPipeline:
         await self._call(self._open)
         commit_every = self._s.commit_interval_ms / 1000.0
         next_commit = time.monotonic() + commit_every
+        publish_early = max(1, self._s.max_in_flight // 2)
         try:
             while not self._stopping.is_set():
                 await self._apply_backpressure()
@@ -167,7 +168,10 @@ class KafkaPipeline:
                 for msg in messages:
                     self._start(msg)
                 now = time.monotonic()
-                if now >= next_commit or self._inflight.count >= self._s.max_in_flight:
+                # Publish every commit interval, or earlier once half the in-flight room holds
+                # results ready to go (one transaction per handful of results would cost the
+                # broker more than the frames).
+                if now >= next_commit or self._inflight.ready() >= publish_early:
                     await self._publish_finished()
                     next_commit = now + commit_every
                 if not messages and self._inflight.count:
@@ -376,10 +380,16 @@ class KafkaPipeline:
         self._inflight.add((topic, partition), offset, work, size)
 
     async def _apply_backpressure(self) -> None:
+        # Hysteresis: pause at the limits, resume only once in-flight work has drained to half of
+        # them. Resuming at the limit itself toggled pause/resume on every finished frame, and each
+        # resume re-fetches from the broker (librdkafka drops a paused partition's fetched queue).
+        count_limit, bytes_limit = self._s.max_in_flight, self._s.max_in_flight_bytes
+        if self._paused:
+            count_limit, bytes_limit = max(1, count_limit // 2), bytes_limit // 2
         full = (
-            self._inflight.count >= self._s.max_in_flight
-            or self._inflight.nbytes >= self._s.max_in_flight_bytes
-            or self._processor.held_bytes >= self._s.max_in_flight_bytes
+            self._inflight.count >= count_limit
+            or self._inflight.nbytes >= bytes_limit
+            or self._processor.held_bytes >= bytes_limit
             or not self._health.healthy
         )
         if full != self._paused:
@@ -387,9 +397,8 @@ class KafkaPipeline:
         self._metrics.in_flight.set(self._inflight.count)
         self._metrics.in_flight_bytes.set(self._inflight.nbytes)
         if full:
-            # Let work finish; publish what is done so the lanes drain.
+            # Let work finish; run() publishes it (commit interval or enough ready).
             await asyncio.sleep(0.005)
-            await self._publish_finished()
 
     def _set_paused(self, paused: bool) -> None:
         assert self._consumer is not None
