@@ -2,7 +2,8 @@
 
 Usage::
 
-    python bench/detector_bench.py [--quick] [--sweep] [--frames N] [--repeats R]
+    python bench/detector_bench.py [--quick] [--sweep] [--frames N] [--run-frames N]
+        [--command-frames N] [--repeats R]
 
 Writes ``bench/results/detector.md`` and ``detector.json`` (``--sweep``: ``sweep.md``/``.json``,
 the processes × threads grid behind ``plan_workers``). Every configuration sees the same 1280x720
@@ -13,7 +14,8 @@ implies, not the time a frame waits behind all others.
 * ``reference``: the original specification's design, ultralytics ``predict`` on each frame in a
   ``ProcessPoolExecutor`` of 2 spawned workers with one model each;
 * ``pool``: :class:`inference_service.pool.DetectorPool` for each runtime and precision;
-* ``detect command``: ``inference-service detect`` on a folder of the frames, start-up included.
+* ``detect command``: ``inference-service detect`` on a folder of ``--command-frames`` frame files
+  (fp32 and bf16), wall time from launch to exit, start-up included.
 
 Models: the test model (``models/test/best.pt``) when present, and yolov8n / yolov8s built from
 their yaml (random weights: speed does not depend on them). ``ultralytics`` and ``torch`` are
@@ -378,24 +380,45 @@ async def _closed_loop_async(
     return time.perf_counter() - t0, latencies
 
 
-def run_detect_command(case: ModelCase, runtime: str, precision: str, frames: int) -> Measurement:
+def command_frames(frames: int, count: int) -> Path:
+    """A folder of ``count`` frame files cycling through the ``frames`` rendered ones (hard links)."""
+    folder = OUT / f"frames-{count}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        link = folder / f"frame_{i:05d}.jpg"
+        if not link.exists():
+            os.link(OUT / "frames" / f"frame_{i % frames:03d}.jpg", link)
+    return folder
+
+
+def run_detect_command(
+    case: ModelCase, runtime: str, precision: str, folder: Path, repeats: int
+) -> Measurement:
+    """``inference-service detect`` on a folder, wall time from launch to exit (start-up included)."""
     m = Measurement(case.name, "detect command", runtime, precision, 0, 0, 0)
     exe = Path(sys.executable).with_name("inference-service")
+    out = OUT / "detect.jsonl"
     cmd = [
-        str(exe), "detect", str(OUT / "frames"), "--out", str(OUT / "detect.jsonl"),
+        str(exe), "detect", str(folder), "--out", str(out),
         "--model", str(case.path), "--runtime", runtime, "--precision", precision,
         "--cache-dir", str(OUT / "cache"),
     ]  # fmt: skip
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        m.error = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
-        return m
-    lines = (OUT / "detect.jsonl").read_text().splitlines()
-    m.fps = len(lines) / wall
-    m.fps_repeats = [round(m.fps, 2)]
-    m.note = f"{len(lines)} frames, one run, wall time including process and model start-up"
+    walls: list[float] = []
+    lines = 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        walls.append(time.perf_counter() - t0)
+        if proc.returncode != 0:
+            m.error = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+            return m
+        lines = len(out.read_text().splitlines())
+    m.fps_repeats = [round(lines / w, 2) for w in walls]
+    m.fps = statistics.median(lines / w for w in walls)
+    m.note = (
+        f"{lines} frames per run, median of {repeats} runs, wall time from launch to exit "
+        "(process and model start-up included)"
+    )
     return m
 
 
@@ -437,7 +460,7 @@ def write_report(
     gemm: float,
     cases: list[ModelCase],
     results: list[Measurement],
-    frames: int,
+    frames: tuple[int, int],
     repeats: int,
 ) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -448,8 +471,9 @@ def write_report(
         f"- date: {facts['date']}",
         f"- CPU: {facts['cpu']}, {facts['cpus_available']} CPUs available, "
         f"flags {', '.join(facts['cpu_flags'])}",
-        f"- frames: {frames} synthetic 1280x720 JPEGs; medians of {repeats} repeats; "
-        "closed-loop client keeping each design's in-flight capacity busy",
+        f"- frames: {frames[0]} distinct synthetic 1280x720 JPEGs, {frames[1]} per timed run; "
+        f"medians of {repeats} runs; closed-loop client keeping each design's in-flight capacity "
+        "busy",
         f"- compute limit: numpy fp32 GEMM measured now: {gemm:.0f} GFLOP/s; bf16 peak from the "
         f"notes: {BF16_PEAK_NOTES:.0f} GFLOP/s",
         "",
@@ -477,7 +501,8 @@ def write_report(
         "machine": facts,
         "gemm_fp32_gflops": gemm,
         "bf16_peak_gflops_notes": BF16_PEAK_NOTES,
-        "frames": frames,
+        "distinct_frames": frames[0],
+        "frames_per_run": frames[1],
         "repeats": repeats,
         "models": [{**asdict(c), "path": str(c.path)} for c in cases],
         "results": [asdict(m) for m in results],
@@ -499,7 +524,7 @@ RUNTIMES: tuple[tuple[str, str], ...] = (
 
 
 def main_plan(
-    cases: list[ModelCase], frames: list[bytes], repeats: int, with_command: bool
+    cases: list[ModelCase], frames: list[bytes], repeats: int, command_folder: Path | None
 ) -> Iterator[Measurement]:
     for case in cases:
         log_line(f"{case.name}: reference (ultralytics, ProcessPoolExecutor × 2) ...")
@@ -507,9 +532,10 @@ def main_plan(
         for runtime, precision in RUNTIMES:
             log_line(f"{case.name}: pool {runtime}/{precision} ...")
             yield run_pool(case, frames, repeats, runtime, precision)
-        if with_command:
-            log_line(f"{case.name}: detect command (openvino/bf16) ...")
-            yield run_detect_command(case, "openvino", "bf16", len(frames))
+        if command_folder is not None:
+            for precision in ("fp32", "bf16"):
+                log_line(f"{case.name}: detect command (openvino/{precision}) ...")
+                yield run_detect_command(case, "openvino", precision, command_folder, repeats)
 
 
 SWEEP: tuple[tuple[int, int, int, int, bool], ...] = (
@@ -541,7 +567,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer frames and repeats, no yolov8s")
     parser.add_argument("--sweep", action="store_true", help="processes × threads grid (yolov8n)")
-    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None, help="distinct frames rendered")
+    parser.add_argument(
+        "--run-frames",
+        type=int,
+        default=None,
+        help="frames per timed run (cycling the distinct ones)",
+    )
+    parser.add_argument(
+        "--command-frames", type=int, default=None, help="frames given to each detect command run"
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--models", default=None, help="comma-separated: test,yolov8n,yolov8s")
     parser.add_argument("--report", default=None, help="report name (default: detector / sweep)")
@@ -554,7 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     log_line(f"{facts['cpu']}, {facts['cpus_available']} CPUs; measuring fp32 GEMM ...")
     gemm = gemm_gflops(2048 if args.quick else 4096, 3 if args.quick else 5)
     log_line(f"numpy fp32 GEMM: {gemm:.0f} GFLOP/s")
-    frames = render_frames(frames_n)
+    distinct = render_frames(frames_n)
+    run_n = args.run_frames or (48 if args.quick else 256)
+    frames = [distinct[i % len(distinct)] for i in range(max(run_n, len(distinct)))]
+    command_n = args.command_frames or (96 if args.quick else 960)
     default_models = (
         "yolov8n" if args.sweep else ("test,yolov8n" if args.quick else "test,yolov8n,yolov8s")
     )
@@ -563,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = (
         sweep_plan(cases, frames, repeats)
         if args.sweep
-        else main_plan(cases, frames, repeats, with_command=True)
+        else main_plan(cases, frames, repeats, command_frames(frames_n, command_n))
     )
     for m in plan:
         results.append(m)
@@ -577,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         gemm,
         cases,
         results,
-        frames_n,
+        (frames_n, len(frames)),
         repeats,
     )
     log_line(f"done in {time.monotonic() - t_start:.0f} s")
