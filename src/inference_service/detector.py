@@ -23,8 +23,8 @@ from inference_service.vision import (
     RawDetections,
     decode_image,
     letterbox_geometry,
+    letterbox_image,
     postprocess,
-    to_tensor,
 )
 
 log = logging.getLogger(__name__)
@@ -98,13 +98,13 @@ class YoloDetector:
         geo = letterbox_geometry(
             (image.shape[0], image.shape[1]), model.imgsz, model.stride, auto=model.dynamic
         )
-        tensor = to_tensor(image, geo)
+        padded = letterbox_image(image, geo)[np.newaxis]
         t1 = time.perf_counter()
         try:
-            output = self._backend.infer(tensor)
+            output = self._backend.infer_images(padded)
         except Exception as exc:  # the runtimes raise their own untyped errors
             raise InferenceFailedError(
-                f"{self._info.runtime} failed on a {tensor.shape} input: {exc}"
+                f"{self._info.runtime} failed on a {padded.shape} input: {exc}"
             ) from exc
         t2 = time.perf_counter()
         raw = postprocess(output, geo, conf=self._conf, iou=self._iou, max_det=self._max_det)

@@ -11,6 +11,8 @@ import numpy.typing as npt
 
 Batch = npt.NDArray[np.float32]
 """A ``(n, 3, H, W)`` float32 RGB input in ``[0, 1]``."""
+Images = npt.NDArray[np.uint8]
+"""A ``(n, H, W, 3)`` uint8 BGR input (letterboxed frames as decoded), for ``infer_images``."""
 HeadOutput = npt.NDArray[np.float32]
 """The network's ``(n, 4 + classes, anchors)`` float32 output."""
 
@@ -48,6 +50,27 @@ class InferenceBackend(Protocol):
         """Run the network on ``batch``; any input height and width the model accepts."""
         ...
 
+    def infer_images(self, images: Images) -> HeadOutput:
+        """Run the network on letterboxed BGR ``uint8`` frames: the backend converts them to the
+        network's input (``to_batch``, or inside the network where the runtime can)."""
+        ...
+
     def close(self) -> None:
         """Release the backend's resources; ``infer`` must not be called afterwards."""
         ...
+
+
+def to_batch(images: Images) -> Batch:
+    """``(n, H, W, 3)`` uint8 BGR → ``(n, 3, H, W)`` float32 RGB in ``[0, 1]`` (as ultralytics)."""
+    import cv2
+
+    n, h, w, _ = images.shape
+    out = np.empty((n, 3, h, w), dtype=np.float32)
+    for i in range(n):
+        blue, green, red = cv2.split(images[i])
+        for channel, plane in enumerate((red, green, blue)):
+            np.divide(plane, _SCALE, out=out[i, channel], dtype=np.float32)
+    return out
+
+
+_SCALE = np.float32(255.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from inference_service.errors import ConfigError, ModelError
-from inference_service.runtime.base import Batch, HeadOutput
+from inference_service.runtime.base import Batch, HeadOutput, Images, to_batch
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ class OnnxRuntimeBackend:
     def infer(self, batch: Batch) -> HeadOutput:
         outputs = self._session.run([self._output], {self._input: batch})
         return np.asarray(outputs[0], dtype=np.float32)
+
+    def infer_images(self, images: Images) -> HeadOutput:
+        return self.infer(to_batch(images))
 
     def close(self) -> None:
         self._session = None

@@ -3,7 +3,10 @@
 The model is read once; for each input shape a copy reshaped to that static shape is compiled and
 cached (static shapes run faster than a dynamic-shape compilation on the CPU plugin), with a small
 pool of infer requests per shape so that several threads infer at once. ``infer`` releases the
-GIL while the network runs.
+GIL while the network runs. ``infer_images`` takes letterboxed BGR ``uint8`` frames; in fp32 it lets
+OpenVINO's pre-processing (u8 → f32, BGR → RGB, ÷255, NHWC → NCHW) run inside the compiled
+network: outputs identical to ``infer`` on the converted tensor, about 0.5 ms less per 384x640
+frame than converting in numpy (measured on the 2-core Zen 4 of this repository's benchmarks).
 
 Configuration as compiled: ``INFERENCE_PRECISION_HINT`` set explicitly (``f32`` for fp32: on a CPU
 with native bf16 OpenVINO would otherwise pick bf16 itself; ``bf16`` for bf16),
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from inference_service.errors import ConfigError, ModelError
-from inference_service.runtime.base import Batch, HeadOutput
+from inference_service.runtime.base import Batch, HeadOutput, Images, to_batch
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,7 @@ class OpenVinoBackend:
         self._precision = precision
         self._name = "openvino" if device == "CPU" else f"openvino-{device.lower()}"
         self._max_requests = max(1, max_requests)
-        self._compiled: OrderedDict[tuple[int, ...], _Compiled] = OrderedDict()
+        self._compiled: OrderedDict[tuple[bool, int, int, int, int], _Compiled] = OrderedDict()
         self._lock = threading.Lock()
         log.info(
             "OpenVINO %s read %s for %s (%s)",
@@ -131,33 +134,65 @@ class OpenVinoBackend:
         return self._precision
 
     def infer(self, batch: Batch) -> HeadOutput:
-        compiled = self._for_shape(tuple(int(d) for d in batch.shape))
+        n, c, h, w = (int(d) for d in batch.shape)
+        return self._run(self._for_shape((n, c, h, w), images=False), batch)
+
+    def infer_images(self, images: Images) -> HeadOutput:
+        if self._precision != "fp32":
+            # In bf16 the in-network conversion is fused into the first layer in bf16 and moved
+            # detections far outside SPEC.md's bf16 tolerance (min IoU 0.54 vs 0.88 on the
+            # conformance set): convert in f32 numpy instead.
+            return self.infer(to_batch(images))
+        n, h, w, c = (int(d) for d in images.shape)
+        return self._run(self._for_shape((n, c, h, w), images=True), images)
+
+    @staticmethod
+    def _run(compiled: _Compiled, data: Any) -> HeadOutput:
         request = compiled.acquire()
         try:
-            request.infer({0: batch}, share_inputs=True)
+            request.infer({0: data}, share_inputs=True)
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
         finally:
             compiled.release(request)
 
-    def _for_shape(self, shape: tuple[int, ...]) -> _Compiled:
+    def _for_shape(self, shape: tuple[int, int, int, int], *, images: bool) -> _Compiled:
+        key = (images, *shape)
         with self._lock:
-            compiled = self._compiled.get(shape)
+            compiled = self._compiled.get(key)
             if compiled is not None:
-                self._compiled.move_to_end(shape)
+                self._compiled.move_to_end(key)
                 return compiled
-            compiled = self._compile(shape)
-            self._compiled[shape] = compiled
+            compiled = self._compile(shape, images)
+            self._compiled[key] = compiled
             while len(self._compiled) > MAX_SHAPES:
                 self._compiled.popitem(last=False)
             return compiled
 
-    def _compile(self, shape: tuple[int, ...]) -> _Compiled:
+    def _compile(self, shape: tuple[int, int, int, int], images: bool) -> _Compiled:
+        import openvino as ov
+        from openvino.preprocess import ColorFormat, PrePostProcessor
+
         model = self._model.clone()
         model.reshape({model.input(0).any_name: list(shape)})
+        if images:
+            ppp = PrePostProcessor(model)
+            tensor = ppp.input().tensor()
+            tensor.set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+            tensor.set_color_format(ColorFormat.BGR)
+            ppp.input().preprocess().convert_element_type(ov.Type.f32).convert_color(
+                ColorFormat.RGB
+            ).scale(255.0)
+            ppp.input().model().set_layout(ov.Layout("NCHW"))
+            model = ppp.build()
         compiled = self._core.compile_model(model, self._device, self._config)
         optimal = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         limit = max(optimal, self._max_requests)
-        log.info("OpenVINO compiled input shape %s (%d requests at most)", shape, limit)
+        log.info(
+            "OpenVINO compiled input shape %s%s (%d requests at most)",
+            shape,
+            " from BGR uint8 frames" if images else "",
+            limit,
+        )
         return _Compiled(model=compiled, limit=limit)
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ from inference_service.vision.letterbox import (
     Tensor,
     letterbox,
     letterbox_geometry,
+    letterbox_image,
     to_tensor,
 )
 from inference_service.vision.postprocess import RawDetections, nms, postprocess, scale_boxes
@@ -23,6 +24,7 @@ __all__ = [
     "image_size",
     "letterbox",
     "letterbox_geometry",
+    "letterbox_image",
     "nms",
     "postprocess",
     "scale_boxes",

@@ -87,8 +87,9 @@ def letterbox(
     return to_tensor(image, geo), geo
 
 
-def to_tensor(image: ImageBGR, geo: LetterboxGeometry) -> Tensor:
-    """Resize, pad, swap to RGB and scale ``image`` into a new tensor laid out by ``geo``."""
+def letterbox_image(image: ImageBGR, geo: LetterboxGeometry) -> ImageBGR:
+    """``image`` resized and padded (grey 114) to the network input laid out by ``geo``, still BGR
+    ``uint8`` ``(H, W, 3)``: what a runtime that converts pixels itself takes."""
     new_h, new_w = geo.resized_hw
     if (image.shape[0], image.shape[1]) != (new_h, new_w):
         image = np.asarray(
@@ -103,6 +104,12 @@ def to_tensor(image: ImageBGR, geo: LetterboxGeometry) -> Tensor:
         cv2.BORDER_CONSTANT,
         value=(PAD_VALUE, PAD_VALUE, PAD_VALUE),
     )
+    return np.asarray(padded, dtype=np.uint8)
+
+
+def to_tensor(image: ImageBGR, geo: LetterboxGeometry) -> Tensor:
+    """Resize, pad, swap to RGB and scale ``image`` into a new ``(1, 3, H, W)`` tensor."""
+    padded = letterbox_image(image, geo)
     in_h, in_w = geo.input_hw
     out = np.empty((1, 3, in_h, in_w), dtype=np.float32)
     blue, green, red = cv2.split(padded)
