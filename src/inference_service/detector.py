@@ -54,6 +54,8 @@ class YoloDetector:
         self._max_det = max_detections
         self._max_bytes = max_frame_bytes
         self._max_pixels = max_frame_pixels
+        self.warmed_up = False
+        """True once :meth:`warmup` has run (the pool does not warm it up again)."""
         self._info = ModelInfo(
             name=model.source.name,
             sha256=model.sha256,
@@ -139,6 +141,7 @@ class YoloDetector:
         frame = np.full((int(frame_hw[0]), int(frame_hw[1]), 3), 114, dtype=np.uint8)
         start = time.perf_counter()
         self.detect_array(frame)
+        self.warmed_up = True
         log.info("detector warmed up in %.0f ms", (time.perf_counter() - start) * 1e3)
 
     def close(self) -> None:

@@ -122,6 +122,8 @@ def load_default_detector(
 
 
 def _warm_up(detector: FrameDetector) -> None:
+    if getattr(detector, "warmed_up", False):
+        return
     warm = getattr(detector, "warmup", None)
     if callable(warm):
         warm()
@@ -392,12 +394,15 @@ class DetectorPool:
             self._settle(job, None, None, cancel=True)
 
     def _shutdown_workers(self) -> None:
-        if self._monitor is not None:
-            self._monitor.join(2.0)
         with self._lock:
             workers = list(self._workers)
         for w in workers:
             w.stop.set()
+            for _ in range(self._pullers):  # wake every puller now rather than at its next poll
+                with contextlib.suppress(ValueError, OSError):
+                    w.tasks.put(None)
+        if self._monitor is not None:
+            self._monitor.join(2.0)
         deadline = time.monotonic() + 3.0
         for w in workers:
             w.process.join(max(0.0, deadline - time.monotonic()))
