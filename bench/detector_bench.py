@@ -524,7 +524,11 @@ RUNTIMES: tuple[tuple[str, str], ...] = (
 
 
 def main_plan(
-    cases: list[ModelCase], frames: list[bytes], repeats: int, command_folder: Path | None
+    cases: list[ModelCase],
+    frames: list[bytes],
+    repeats: int,
+    command_folder: Path | None,
+    command_models: tuple[str, ...] = ("yolov8n",),
 ) -> Iterator[Measurement]:
     for case in cases:
         log_line(f"{case.name}: reference (ultralytics, ProcessPoolExecutor × 2) ...")
@@ -532,7 +536,7 @@ def main_plan(
         for runtime, precision in RUNTIMES:
             log_line(f"{case.name}: pool {runtime}/{precision} ...")
             yield run_pool(case, frames, repeats, runtime, precision)
-        if command_folder is not None:
+        if command_folder is not None and case.name in command_models:
             for precision in ("fp32", "bf16"):
                 log_line(f"{case.name}: detect command (openvino/{precision}) ...")
                 yield run_detect_command(case, "openvino", precision, command_folder, repeats)
