@@ -111,7 +111,10 @@ class Settings(BaseSettings):
         50_000_000, ge=1024, description="Largest decoded frame accepted, in pixels (w × h)."
     )
     max_in_flight: int = Field(
-        64, ge=1, description="Most tasks consumed but not yet published; consumption pauses above."
+        64,
+        ge=1,
+        description="Most tasks consumed but not yet published; consumption pauses at this many "
+        "and resumes at half.",
     )
     max_in_flight_bytes: int = Field(
         256 * 1024 * 1024, ge=1024 * 1024, description="Most frame bytes held in memory at once."

@@ -164,7 +164,10 @@ class KafkaPipeline:
         try:
             while not self._stopping.is_set():
                 await self._apply_backpressure()
-                messages = await self._call(self._poll)
+                # Never take more than the in-flight room left: the bound is exact, not one
+                # poll's worth of records over it (paused partitions deliver nothing).
+                room = max(1, self._s.max_in_flight - self._inflight.count)
+                messages = await self._call(self._poll, min(room, self._s.max_poll_records))
                 for msg in messages:
                     self._start(msg)
                 now = time.monotonic()
@@ -291,13 +294,13 @@ class KafkaPipeline:
         if self._producer is not None:
             self._producer.flush(10)
 
-    def _poll(self) -> list[Message]:
+    def _poll(self, limit: int) -> list[Message]:
         assert self._consumer is not None
         self._maybe_update_lag()
         if self._producer is not None and not self._exactly_once:
             self._producer.poll(0)
         messages: list[Message] = self._consumer.consume(
-            num_messages=self._s.max_poll_records if not self._paused else 1, timeout=0.05
+            num_messages=limit if not self._paused else 1, timeout=0.05
         )
         if self._reapply_pause:
             fresh = [TopicPartition(tp.topic, tp.partition) for tp in self._reapply_pause]
