@@ -151,7 +151,12 @@ class YoloDetector:
 
 def model_files(model: ResolvedModel) -> ModelFiles:
     """The runnable files of a resolved model, for the runtime layer."""
-    return ModelFiles(sha256=model.sha256, onnx=model.onnx_path, openvino_xml=model.openvino_xml)
+    return ModelFiles(
+        sha256=model.sha256,
+        onnx=model.onnx_path,
+        openvino_xml=model.openvino_xml,
+        ncnn_dir=model.ncnn_dir,
+    )
 
 
 def load_detector(
@@ -179,6 +184,7 @@ def load_detector(
         probe_hw=probe.input_hw,
         openvino_hint=openvino_hint,
         openvino_streams=openvino_streams,
+        score_floor=settings.conf,
     )
     detector = YoloDetector(
         backend,

@@ -20,7 +20,7 @@ from inference_service.errors import ConfigError
 ENV_PREFIX = "INFERENCE_"
 
 Delivery = Literal["exactly_once", "at_least_once"]
-Runtime = Literal["auto", "openvino", "onnxruntime", "onnxruntime-cuda", "openvino-gpu"]
+Runtime = Literal["auto", "openvino", "onnxruntime", "ncnn", "onnxruntime-cuda", "openvino-gpu"]
 Precision = Literal["fp32", "bf16"]
 
 
@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     )
     runtime: Runtime = Field(
         "auto",
-        description="openvino, onnxruntime (or a GPU provider); auto picks by measurement.",
+        description="openvino, onnxruntime, ncnn (or a GPU provider); auto picks by measurement.",
     )
     precision: Precision = Field(
         "fp32", description="fp32 (as the reference) or bf16 (faster on CPUs with native bf16)."

@@ -40,7 +40,7 @@ TEST_MODEL = Path(os.environ.get("CONFORMANCE_MODEL", ROOT / "models" / "test" /
 IMAGE_DIRS = (ROOT / "tests" / "data" / "photos", ROOT / "models" / "test" / "conformance")
 CONF = 0.25
 IOU = 0.45
-CONFIGS = ("openvino/fp32", "onnxruntime/fp32", "openvino/bf16")
+CONFIGS = ("openvino/fp32", "onnxruntime/fp32", "ncnn/fp32", "openvino/bf16")
 BF16_MAX_FAILING_SHARE = 0.02
 """bf16 misses SPEC.md's bf16 tolerance on a few detections of the test model: measured 3 of 235
 (IoU 0.880 and 0.946 on real photos where the synthetic-shape model is out of its domain, and one
@@ -299,6 +299,33 @@ def test_detections_match_reference(
 
 
 # --- NMS under load: synthetic heads with thousands of overlapping candidates ----------------
+
+
+def test_ncnn_head_decode_equals_the_exported_network(exported: Exported) -> None:
+    """ncnn runs the network only up to the head's convolutions and decodes the rest in numpy: the
+    result must equal OpenVINO's run of the whole exported graph, for several input shapes, from
+    float tensors and from letterboxed frames alike."""
+    from inference_service.runtime.base import to_batch
+    from inference_service.runtime.ncnn_backend import NcnnBackend
+    from inference_service.runtime.openvino_backend import OpenVinoBackend
+
+    model = exported.resolved
+    assert model.ncnn_dir is not None, "the export extra includes pnnx: ncnn must be converted"
+    assert model.openvino_xml is not None
+    ncnn = NcnnBackend(model.ncnn_dir)
+    openvino = OpenVinoBackend(model.openvino_xml)
+    rng = np.random.default_rng(7)
+    for h, w in ((320, 320), (192, 320), (320, 224), (640, 384)):
+        frames = rng.integers(0, 256, (1, h, w, 3), dtype=np.uint8)
+        frames[:, h // 4 : h // 2, w // 4 : w // 2] = (30, 200, 90)  # something to detect
+        expected = openvino.infer(to_batch(frames))
+        from_tensor = ncnn.infer(to_batch(frames))
+        from_frames = ncnn.infer_images(frames)
+        assert from_tensor.shape == expected.shape == from_frames.shape
+        np.testing.assert_allclose(from_tensor, expected, atol=2e-3, rtol=1e-4)
+        np.testing.assert_allclose(from_frames, expected, atol=2e-3, rtol=1e-4)
+    ncnn.close()
+    openvino.close()
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -1,4 +1,5 @@
-"""Convert a ``.pt`` checkpoint to ONNX, and ONNX to OpenVINO IR; the only user of ultralytics.
+"""Convert a ``.pt`` checkpoint to ONNX, and ONNX to OpenVINO IR and ncnn; the only user of
+ultralytics (and of pnnx, the ncnn converter).
 
 The conversion runs in a child process (``python -m inference_service.model.export``) so that
 torch and ultralytics never load into the service's own process (nor into the worker processes it
@@ -21,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,6 +91,75 @@ def onnx_to_openvino(onnx_path: Path, out_dir: Path) -> Path:
     xml = out_dir / OPENVINO_NAME
     ov.save_model(model, str(xml), compress_to_fp16=False)
     return xml
+
+
+NCNN_PARAM = "model.ncnn.param"
+NCNN_BIN = "model.ncnn.bin"
+_HEAD_CONV = re.compile(r"^/model\.(\d+)/(cv2|cv3)\.(\d+)/\2\.\3\.2/Conv$")
+"""The last convolution of a YOLOv8 Detect head's box (cv2) or class (cv3) branch of one level, as
+ultralytics' ONNX export names it."""
+
+
+def ncnn_available() -> bool:
+    """True when the ONNX → ncnn conversion can run here (``onnx`` and ``pnnx`` installed)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "pnnx"))
+
+
+def onnx_to_ncnn(onnx_path: Path, out_dir: Path, *, timeout_s: float = 300.0) -> Path:
+    """Convert a YOLOv8 ONNX model to an ncnn model of its head's raw outputs; the directory.
+
+    The graph is cut after the last convolution of each Detect branch (per level: box logits of
+    ``4 × reg_max`` channels, then class logits), so the ncnn model is purely convolutional and
+    takes any input height and width; the head's decode (DFL, anchors, strides, sigmoid) runs in
+    numpy (:mod:`inference_service.runtime.yolo_head`). Outputs ``out0``… in level order, box
+    before class. Raises :class:`ModelError` when the graph has no such head.
+    """
+    import onnx
+    import onnx.utils
+
+    graph = onnx.load(str(onnx_path)).graph
+    convs: dict[tuple[int, str], str] = {}
+    for node in graph.node:
+        match = _HEAD_CONV.match(node.name)
+        if match:
+            convs[(int(match.group(3)), match.group(2))] = node.output[0]
+    levels = sorted({level for level, _ in convs})
+    if not levels or any((lv, b) not in convs for lv in levels for b in ("cv2", "cv3")):
+        raise ModelError(
+            f"{onnx_path}: no YOLOv8 Detect head found (expected convolutions named like "
+            "/model.22/cv2.0/cv2.0.2/Conv, as ultralytics exports them)"
+        )
+    outputs = [convs[(lv, b)] for lv in levels for b in ("cv2", "cv3")]
+    spec = importlib.util.find_spec("pnnx")
+    if spec is None or spec.origin is None:
+        raise ModelError(f"converting to ncnn needs pnnx: {INSTALL_HINT}")
+    pnnx = Path(spec.origin).parent / "pnnx"
+    work = out_dir / ".ncnn-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        cut = work / "head.onnx"
+        onnx.utils.extract_model(str(onnx_path), str(cut), [graph.input[0].name], outputs)
+        # Two input shapes tell pnnx that height and width are dynamic.
+        command = [
+            str(pnnx), cut.name, "inputshape=[1,3,320,320]", "inputshape2=[1,3,384,640]",
+            "fp16=0",  # keep the weights float32 (pnnx stores them as fp16 by default)
+        ]  # fmt: skip
+        done = subprocess.run(
+            command, cwd=work, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+        param, weights = work / "head.ncnn.param", work / "head.ncnn.bin"
+        if done.returncode != 0 or not param.is_file() or not weights.is_file():
+            tail = (done.stderr or done.stdout).strip()[-1500:]
+            raise ModelError(f"pnnx could not convert {onnx_path} to ncnn:\n{tail}")
+        param.replace(out_dir / NCNN_PARAM)
+        weights.replace(out_dir / NCNN_BIN)
+    except subprocess.TimeoutExpired:
+        raise ModelError(f"converting {onnx_path} to ncnn took over {timeout_s:.0f} s") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("converted %s to ncnn (%d head levels)", onnx_path, len(levels))
+    return out_dir
 
 
 def _child(source: Path, out_dir: Path) -> int:

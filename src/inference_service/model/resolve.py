@@ -6,6 +6,9 @@
   into place when complete, under an exclusive lock file, so that two processes starting together
   convert once and never see half a cache entry.
 - An ``.onnx`` file is used as it is, its metadata read from its ``metadata_props``.
+- Where ``pnnx`` is installed (the ``export`` extra), the ONNX model is also converted once to ncnn
+  (``model.ncnn.param``/``.bin`` in the same cache entry, ``<cache_dir>/<sha256>/`` for an
+  ``.onnx`` source) for the ncnn runtime.
 - An OpenVINO IR directory (or its ``.xml``) is used as it is, its metadata read from
   ``metadata.yaml`` beside it or from its rt_info.
 
@@ -16,6 +19,7 @@ was found and what is expected.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -27,7 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference_service.errors import ModelError
-from inference_service.model.export import OPENVINO_NAME, export_onnx, onnx_to_openvino
+from inference_service.model.export import (
+    NCNN_BIN,
+    NCNN_PARAM,
+    OPENVINO_NAME,
+    export_onnx,
+    ncnn_available,
+    onnx_to_ncnn,
+    onnx_to_openvino,
+)
 from inference_service.model.metadata import (
     ModelMetadata,
     read_onnx_metadata,
@@ -63,6 +75,9 @@ class ResolvedModel:
     """Always ``detect``."""
     dynamic: bool
     """True when the network takes any input height and width (rectangular letterbox)."""
+    ncnn_dir: Path | None = None
+    """A directory with the ncnn model of the head's raw outputs (``model.ncnn.param``/``.bin``),
+    when the ONNX → ncnn conversion could run (``pnnx`` installed when the model was first seen)."""
 
     @property
     def openvino_xml(self) -> Path | None:
@@ -90,7 +105,9 @@ def resolve_model(settings: Settings) -> ResolvedModel:
         resolved = _resolved(source, digest, None, xml.parent, meta)
     elif source.suffix.lower() == ".onnx":
         meta = read_onnx_metadata(source)
-        resolved = _resolved(source, _sha256(source), source, None, meta)
+        digest = _sha256(source)
+        resolved = _resolved(source, digest, source, None, meta)
+        resolved = _with_ncnn(resolved, source, settings.cache_path() / digest)
     elif source.suffix.lower() in (".pt", ".pth"):
         resolved = _from_checkpoint(source, settings.cache_path())
     else:
@@ -132,17 +149,7 @@ def _with_imgsz(model: ResolvedModel, imgsz: int | None) -> ResolvedModel:
             f"{model.imgsz[0]}x{model.imgsz[1]}; unset INFERENCE_IMGSZ or export the model "
             "with dynamic axes"
         )
-    return ResolvedModel(
-        source=model.source,
-        sha256=model.sha256,
-        onnx_path=model.onnx_path,
-        openvino_dir=model.openvino_dir,
-        names=model.names,
-        imgsz=(side, side),
-        stride=model.stride,
-        task=model.task,
-        dynamic=model.dynamic,
-    )
+    return dataclasses.replace(model, imgsz=(side, side))
 
 
 def _from_checkpoint(source: Path, cache: Path) -> ResolvedModel:
@@ -155,7 +162,27 @@ def _from_checkpoint(source: Path, cache: Path) -> ResolvedModel:
                 _convert(source, entry, cache)
     meta = ModelMetadata.from_json((entry / METADATA_NAME).read_text())
     log.info("model %s (sha256 %s) from cache %s", source, digest[:12], entry)
-    return _resolved(source, digest, entry / "model.onnx", entry, meta)
+    resolved = _resolved(source, digest, entry / "model.onnx", entry, meta)
+    return _with_ncnn(resolved, entry / "model.onnx", entry)
+
+
+def _with_ncnn(model: ResolvedModel, onnx: Path, entry: Path) -> ResolvedModel:
+    """``model`` with the ncnn conversion of ``onnx`` in ``entry`` (made once, if it can be)."""
+    if not (entry / NCNN_PARAM).is_file():
+        if not ncnn_available():
+            log.info("no ncnn conversion of %s: pnnx is not installed", model.source)
+            return model
+        entry.mkdir(parents=True, exist_ok=True)
+        with _exclusive(entry.parent / f"{entry.name}.ncnn.lock"):
+            if not (entry / NCNN_PARAM).is_file():
+                try:
+                    onnx_to_ncnn(onnx, entry)
+                except ModelError as exc:  # OpenVINO and ONNX Runtime still run the model
+                    log.warning("ncnn runtime unavailable for %s: %s", model.source, exc)
+                    return model
+    if not (entry / NCNN_BIN).is_file():
+        return model
+    return dataclasses.replace(model, ncnn_dir=entry.resolve())
 
 
 def _convert(source: Path, entry: Path, cache: Path) -> None:

@@ -27,6 +27,8 @@ class ModelFiles:
     """An ONNX file (ONNX Runtime needs it; OpenVINO can read it too)."""
     openvino_xml: Path | None = None
     """An OpenVINO IR ``.xml`` (its ``.bin`` beside it), preferred by OpenVINO."""
+    ncnn_dir: Path | None = None
+    """A directory with the ncnn model of the head's raw outputs (``model.ncnn.param``/``.bin``)."""
 
 
 class InferenceBackend(Protocol):
@@ -38,7 +40,7 @@ class InferenceBackend(Protocol):
 
     @property
     def name(self) -> str:
-        """``openvino`` or ``onnxruntime`` (with ``-cuda`` / ``-gpu`` for an accelerator)."""
+        """``openvino``, ``onnxruntime`` or ``ncnn`` (``-cuda`` / ``-gpu``: an accelerator)."""
         ...
 
     @property

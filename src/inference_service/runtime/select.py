@@ -1,28 +1,31 @@
-"""Open the backend a runtime setting names, or pick the faster one by measurement (``auto``).
+"""Open the backend a runtime setting names, or pick the fastest by measurement (``auto``).
 
 The ``auto`` rule:
 
 1. ``bf16`` precision means OpenVINO: it is the only backend here with a bf16 path.
-2. Otherwise both OpenVINO and ONNX Runtime (CPU) are opened with the same thread count and timed
-   on the same input (``probe_hw``, batch 1): 2 warm-up runs, then the median of 7 runs each. The
-   faster wins; OpenVINO wins ties within 3 %.
+2. Otherwise every CPU runtime the model can run on (OpenVINO; ONNX Runtime with an ONNX file;
+   ncnn with an ncnn conversion) is opened with the same thread count and timed on the same input
+   (``probe_hw``, batch 1, letterboxed ``uint8`` frames as the detector sends them, decode of the
+   head included): 2 warm-up runs, then the median of 7 runs each. The fastest wins; OpenVINO is
+   kept unless another is more than 3 % faster.
 3. The choice is cached in ``<cache_dir>/runtime-choice.json`` under the key
-   ``CPU model | model sha256 | precision | threads | input shape``, so that later starts (and the
-   other worker processes, which wait on a lock file while the first one measures) skip the
-   measurement. Delete the file to measure again.
+   ``CPU model | model sha256 | precision | threads | input shape | runtimes measured``, so that
+   later starts (and the other worker processes, which wait on a lock file while the first one
+   measures) skip the measurement. Delete the file to measure again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import json
 import logging
 import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CHOICE_FILE = "runtime-choice.json"
 TIE_MARGIN = 0.03
-"""OpenVINO is kept unless ONNX Runtime is more than this fraction faster."""
+"""OpenVINO is kept unless another runtime is more than this fraction faster."""
 _WARMUP_RUNS = 2
 _TIMED_RUNS = 7
 
@@ -49,25 +52,54 @@ def open_backend(
     probe_hw: tuple[int, int] = (384, 640),
     openvino_hint: str = "LATENCY",
     openvino_streams: int | None = None,
+    score_floor: float | None = None,
 ) -> InferenceBackend:
     """A loaded backend for ``model``.
 
-    ``runtime``: ``openvino``, ``onnxruntime``, ``onnxruntime-cuda``, ``openvino-gpu`` or ``auto``
-    (see the module docstring). Raises :class:`ConfigError` for a runtime or precision that cannot
-    run here.
+    ``runtime``: ``openvino``, ``onnxruntime``, ``ncnn``, ``onnxruntime-cuda``, ``openvino-gpu`` or
+    ``auto`` (see the module docstring). ``score_floor``: the confidence threshold, which lets
+    ncnn skip decoding boxes that cannot pass it. Raises :class:`ConfigError` for a runtime or
+    precision that cannot run here.
     """
     if runtime == "auto":
         if precision == "bf16":
             return _openvino(model, precision, threads, openvino_hint, openvino_streams, "CPU")
-        return _auto(model, threads, cache_dir, probe_hw, openvino_hint, openvino_streams)
+        candidates: dict[str, Callable[[], InferenceBackend]] = {
+            "openvino": lambda: _openvino(
+                model, "fp32", threads, openvino_hint, openvino_streams, "CPU"
+            ),
+        }
+        if model.onnx is not None:
+            candidates["onnxruntime"] = lambda: _onnxruntime(model, "fp32", threads, cuda=False)
+        if model.ncnn_dir is not None and importlib.util.find_spec("ncnn") is not None:
+            candidates["ncnn"] = lambda: _ncnn(model, "fp32", threads, score_floor)
+        return _auto(model, threads, cache_dir, probe_hw, candidates)
     if runtime in ("openvino", "openvino-gpu"):
         device = "GPU" if runtime == "openvino-gpu" else "CPU"
         return _openvino(model, precision, threads, openvino_hint, openvino_streams, device)
     if runtime in ("onnxruntime", "onnxruntime-cuda"):
         return _onnxruntime(model, precision, threads, cuda=runtime == "onnxruntime-cuda")
+    if runtime == "ncnn":
+        return _ncnn(model, precision, threads, score_floor)
     raise ConfigError(
-        f"INFERENCE_RUNTIME={runtime}: expected auto, openvino, onnxruntime, "
+        f"INFERENCE_RUNTIME={runtime}: expected auto, openvino, onnxruntime, ncnn, "
         "onnxruntime-cuda or openvino-gpu"
+    )
+
+
+def _ncnn(
+    model: ModelFiles, precision: str, threads: int, score_floor: float | None
+) -> InferenceBackend:
+    from inference_service.runtime.ncnn_backend import NcnnBackend
+
+    if model.ncnn_dir is None:
+        raise ConfigError(
+            "INFERENCE_RUNTIME=ncnn needs the model's ncnn conversion, made from its ONNX file "
+            "when pnnx is installed: pip install 'inference-service[export]' (then restart), or "
+            "use INFERENCE_RUNTIME=openvino"
+        )
+    return NcnnBackend(
+        model.ncnn_dir, precision=precision, threads=threads, score_floor=score_floor
     )
 
 
@@ -107,47 +139,49 @@ def _auto(
     threads: int,
     cache_dir: Path | None,
     probe_hw: tuple[int, int],
-    hint: str,
-    streams: int | None,
+    candidates: dict[str, Callable[[], InferenceBackend]],
 ) -> InferenceBackend:
-    if model.onnx is None:
-        return _openvino(model, "fp32", threads, hint, streams, "CPU")
-    key = "|".join((cpu_model(), model.sha256, "fp32", str(threads), "x".join(map(str, probe_hw))))
+    if len(candidates) == 1:
+        return candidates["openvino"]()
+    shape = "x".join(map(str, probe_hw))
+    names = "+".join(sorted(candidates))
+    key = "|".join((cpu_model(), model.sha256, "fp32", str(threads), shape, names))
     with _choice_lock(cache_dir):
         cached = _read_choice(cache_dir, key)
-        if cached in ("openvino", "onnxruntime"):
+        if cached in candidates:
             log.info("runtime auto: %s (measured before, key %s)", cached, key)
-            if cached == "openvino":
-                return _openvino(model, "fp32", threads, hint, streams, "CPU")
-            return _onnxruntime(model, "fp32", threads, cuda=False)
-        openvino = _openvino(model, "fp32", threads, hint, streams, "CPU")
-        onnxruntime = _onnxruntime(model, "fp32", threads, cuda=False)
-        probe = np.random.default_rng(0).random((1, 3, *probe_hw), dtype=np.float32)
-        ov_ms = measure_ms(openvino, probe)
-        ort_ms = measure_ms(onnxruntime, probe)
-        use_ort = ort_ms < ov_ms * (1.0 - TIE_MARGIN)
-        choice = "onnxruntime" if use_ort else "openvino"
+            return candidates[cached]()
+        probe = np.full((1, *probe_hw, 3), 114, dtype=np.uint8)
+        probe[:, ::7, ::5] = 30  # some structure, so that the head's decode has work to do
+        timings: dict[str, float] = {}
+        opened: dict[str, InferenceBackend] = {}
+        for name, open_one in candidates.items():
+            opened[name] = open_one()
+            timings[name] = measure_ms(opened[name], probe)
+        best = min(timings, key=lambda n: timings[n])
+        if timings[best] >= timings["openvino"] * (1.0 - TIE_MARGIN):
+            best = "openvino"
         log.info(
-            "runtime auto: %s (median ms per %s input: openvino %.2f, onnxruntime %.2f)",
-            choice,
-            "x".join(map(str, probe_hw)),
-            ov_ms,
-            ort_ms,
+            "runtime auto: %s (median ms per %s input: %s)",
+            best,
+            shape,
+            ", ".join(f"{n} {ms:.2f}" for n, ms in timings.items()),
         )
-        _write_choice(cache_dir, key, choice, {"openvino": ov_ms, "onnxruntime": ort_ms})
-    loser = openvino if use_ort else onnxruntime
-    loser.close()
-    return onnxruntime if use_ort else openvino
+        _write_choice(cache_dir, key, best, timings)
+    for name, backend in opened.items():
+        if name != best:
+            backend.close()
+    return opened[best]
 
 
 def measure_ms(backend: InferenceBackend, probe: np.ndarray) -> float:
-    """Median milliseconds of one ``backend.infer(probe)`` after a warm-up."""
+    """Median milliseconds of one ``backend.infer_images(probe)`` after a warm-up."""
     for _ in range(_WARMUP_RUNS):
-        backend.infer(probe)
+        backend.infer_images(probe)
     times = []
     for _ in range(_TIMED_RUNS):
         start = time.perf_counter()
-        backend.infer(probe)
+        backend.infer_images(probe)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
