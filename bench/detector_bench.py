@@ -412,7 +412,10 @@ def run_detect_command(
         if proc.returncode != 0:
             m.error = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
             return m
-        lines = len(out.read_text().splitlines())
+        rows = out.read_text().splitlines()
+        lines = len(rows)
+        if runtime == "auto" and rows:
+            m.runtime = f"auto: {json.loads(rows[0])['model']['runtime'].split('/')[0]}"
     m.fps_repeats = [round(lines / w, 2) for w in walls]
     m.fps = statistics.median(lines / w for w in walls)
     m.note = (
@@ -518,9 +521,10 @@ def write_report(
 RUNTIMES: tuple[tuple[str, str], ...] = (
     ("onnxruntime", "fp32"),
     ("openvino", "fp32"),
+    ("ncnn", "fp32"),
     ("openvino", "bf16"),
 )
-"""ONNX Runtime has no bf16 path on the CPU (the backend refuses it with a ConfigError)."""
+"""ONNX Runtime and ncnn have no bf16 path here (their backends refuse it with a ConfigError)."""
 
 
 def main_plan(
@@ -538,8 +542,8 @@ def main_plan(
             yield run_pool(case, frames, repeats, runtime, precision)
         if command_folder is not None and case.name in command_models:
             for precision in ("fp32", "bf16"):
-                log_line(f"{case.name}: detect command (openvino/{precision}) ...")
-                yield run_detect_command(case, "openvino", precision, command_folder, repeats)
+                log_line(f"{case.name}: detect command (runtime auto, {precision}) ...")
+                yield run_detect_command(case, "auto", precision, command_folder, repeats)
 
 
 SWEEP: tuple[tuple[int, int, int, int, bool], ...] = (
