@@ -50,6 +50,10 @@ class Metrics:
             "inference_commits", "Commits of results and offsets, by outcome.", ["outcome"],
             registry=r,
         )  # fmt: skip
+        self.redelivered = Counter(
+            "inference_redelivered_records", "Records the Kafka client delivered a second time "
+            "(skipped: their first delivery is processed).", registry=r,
+        )  # fmt: skip
         self.paused = Gauge(
             "inference_consumption_paused", "1 while consumption is paused (back-pressure or "
             "a dependency down).", registry=r,

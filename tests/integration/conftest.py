@@ -35,7 +35,7 @@ def model_env(
         INFERENCE_CACHE_DIR=str(cache),
         INFERENCE_WORKERS="1",
         INFERENCE_THREADS="1",
-        INFERENCE_LOG_LEVEL="INFO",
+        INFERENCE_LOG_LEVEL=os.environ.get("TEST_SERVICE_LOG_LEVEL", "INFO"),
         YOLO_OFFLINE="1",
         YOLO_AUTOINSTALL="False",
         YOLO_CONFIG_DIR=str(cache / "ultralytics"),
