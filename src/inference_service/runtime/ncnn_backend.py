@@ -8,12 +8,18 @@ ncnn ran yolov8n at 384x640 in 42–43 ms per frame on one thread against OpenVI
 outputs equal to OpenVINO's within 3e-5.
 
 One ``ncnn.Net`` per process, an extractor per call (ncnn's nets are safe to extract from
-concurrently). ``precision`` must be ``fp32``: bf16 is OpenVINO's (a :class:`ConfigError` says so).
+concurrently), one extraction at a time: ncnn runs a call on the calling thread (plus its own
+``threads``), so two pullers of a worker inferring at once would share one core and thrash its
+cache; OpenVINO's single-stream requests serialise the same way by themselves. The other puller
+meanwhile decodes and letterboxes the next frame.
+
+``precision`` must be ``fp32``: bf16 is OpenVINO's (a :class:`ConfigError` says so).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +75,7 @@ class NcnnBackend:
             )
         self._input = net.input_names()[0]
         self._score_floor = score_floor
+        self._gate = threading.Lock()
         log.info(
             "ncnn read %s (%d head levels, %d threads)", param, len(self._outputs) // 2, threads
         )
@@ -104,14 +111,15 @@ class NcnnBackend:
         return np.concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]
 
     def _run(self, mat: Any) -> HeadOutput:
-        extractor = self._net.create_extractor()
-        extractor.input(self._input, mat)
         blobs = []
-        for name in self._outputs:
-            ret, out = extractor.extract(name)
-            if ret != 0:
-                raise RuntimeError(f"ncnn could not compute {name} (error {ret})")
-            blobs.append(np.array(out, dtype=np.float32))
+        with self._gate:
+            extractor = self._net.create_extractor()
+            extractor.input(self._input, mat)
+            for name in self._outputs:
+                ret, out = extractor.extract(name)
+                if ret != 0:
+                    raise RuntimeError(f"ncnn could not compute {name} (error {ret})")
+                blobs.append(np.array(out, dtype=np.float32))
         levels = [(blobs[i], blobs[i + 1]) for i in range(0, len(blobs), 2)]
         return decode_levels(levels, (int(mat.h), int(mat.w)), score_floor=self._score_floor)
 
