@@ -195,7 +195,8 @@ def bench_service(model: Path, tasks: list[tuple[bytes, bytes]], bootstrap: str)
         INFERENCE_MODEL=str(model), INFERENCE_CACHE_DIR=str(db.OUT / "cache"),
         INFERENCE_TASKS_TOPIC=tasks_topic, INFERENCE_RESULTS_TOPIC=results_topic,
         INFERENCE_DLQ_TOPIC=f"bench-dlq-{run}", INFERENCE_GROUP_ID=f"bench-{run}",
-        INFERENCE_HTTP_PORT=str(port), INFERENCE_HTTP_HOST="127.0.0.1", INFERENCE_LOG_LEVEL="WARNING",
+        INFERENCE_HTTP_PORT=str(port), INFERENCE_HTTP_HOST="127.0.0.1",
+        INFERENCE_LOG_LEVEL=os.environ.get("PIPELINE_BENCH_LOG_LEVEL", "WARNING"),
     )  # fmt: skip
     log_path = db.OUT / "pipeline-service.log"
     with log_path.open("wb") as log:
@@ -218,7 +219,10 @@ def bench_service(model: Path, tasks: list[tuple[bytes, bytes]], bootstrap: str)
             before["service main process"] = cpu_seconds(proc.pid)
             t0 = time.monotonic()
             produce(bootstrap, tasks_topic, tasks)
+            sampler = _MetricSampler(port) if os.environ.get("PIPELINE_BENCH_SAMPLE") else None
             last, results = read_until(bootstrap, results_topic, len(tasks), timeout=600)
+            if sampler is not None:
+                sampler.report()
             wall = last - t0
             after = {name: cpu_seconds(pid) for name, pid in servers.items()}
             after["service main process"] = cpu_seconds(proc.pid)
@@ -233,6 +237,46 @@ def bench_service(model: Path, tasks: list[tuple[bytes, bytes]], bootstrap: str)
             "runtime": results[0]["model"]["runtime"], "layout": "auto",
             "ok": sum(r["status"] == "ok" for r in results),
             "cpu_cores_used": {k: round(v, 3) for k, v in cpu_share.items()}}  # fmt: skip
+
+
+class _MetricSampler:
+    """Diagnostics (PIPELINE_BENCH_SAMPLE=1): samples the service's gauges every 100 ms."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.samples: list[dict[str, float]] = []
+        self._port = port
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        names = ("inference_in_flight", "inference_detector_in_flight",
+                 "inference_detector_pending", "inference_consumption_paused")  # fmt: skip
+        while not self._stop.wait(0.1):
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self._port}/metrics", timeout=2
+                ) as r:
+                    body = r.read().decode()
+            except OSError:
+                continue
+            row = {}
+            for line in body.splitlines():
+                head, _, value = line.rpartition(" ")
+                if head in names:
+                    row[head] = float(value)
+            self.samples.append(row)
+
+    def report(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for name in sorted({k for row in self.samples for k in row}):
+            values = [row[name] for row in self.samples if name in row]
+            zero = sum(v == 0 for v in values) / max(1, len(values))
+            log_line(f"  {name}: mean {statistics.mean(values):.1f}, zero {100 * zero:.0f} % "
+                     f"of {len(values)} samples")  # fmt: skip
 
 
 def _reference_detect(data: bytes) -> int:

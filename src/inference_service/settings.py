@@ -114,7 +114,7 @@ class Settings(BaseSettings):
         64,
         ge=1,
         description="Most tasks consumed but not yet published; consumption pauses at this many "
-        "and resumes at half.",
+        "and resumes at three quarters.",
     )
     max_in_flight_bytes: int = Field(
         256 * 1024 * 1024, ge=1024 * 1024, description="Most frame bytes held in memory at once."

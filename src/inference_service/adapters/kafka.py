@@ -163,7 +163,7 @@ class KafkaPipeline:
         await self._call(self._open)
         commit_every = self._s.commit_interval_ms / 1000.0
         next_commit = time.monotonic() + commit_every
-        publish_early = max(1, self._s.max_in_flight // 2)
+        publish_early = max(1, self._s.max_in_flight // 4)
         try:
             while not self._stopping.is_set():
                 await self._apply_backpressure()
@@ -174,9 +174,10 @@ class KafkaPipeline:
                 for msg in messages:
                     self._start(msg)
                 now = time.monotonic()
-                # Publish every commit interval, or earlier once half the in-flight room holds
-                # results ready to go (one transaction per handful of results would cost the
-                # broker more than the frames).
+                # Publish every commit interval, or earlier once a quarter of the in-flight room
+                # holds results ready to go (one transaction per handful of results would cost the
+                # broker more than the frames; waiting for more starved the detector, whose next
+                # frames could not be consumed while finished ones held the room).
                 if now >= next_commit or self._inflight.ready() >= publish_early:
                     await self._publish_finished()
                     next_commit = now + commit_every
@@ -406,12 +407,14 @@ class KafkaPipeline:
         self._inflight.add((topic, partition), offset, work, size)
 
     async def _apply_backpressure(self) -> None:
-        # Hysteresis: pause at the limits, resume only once in-flight work has drained to half of
-        # them. Resuming at the limit itself toggled pause/resume on every finished frame, and each
-        # resume re-fetches from the broker (librdkafka drops a paused partition's fetched queue).
+        # Hysteresis: pause at the limits, resume once in-flight work is down to three quarters of
+        # them (one early publish frees a quarter). Resuming at the limit itself toggled
+        # pause/resume on every finished frame, and each resume re-fetches from the broker
+        # (librdkafka drops a paused partition's fetched queue).
         count_limit, bytes_limit = self._s.max_in_flight, self._s.max_in_flight_bytes
         if self._paused:
-            count_limit, bytes_limit = max(1, count_limit // 2), bytes_limit // 2
+            count_limit = max(1, count_limit * 3 // 4 + 1)
+            bytes_limit = bytes_limit * 3 // 4 + 1
         full = (
             self._inflight.count >= count_limit
             or self._inflight.nbytes >= bytes_limit
@@ -517,6 +520,7 @@ class KafkaPipeline:
             offsets[f.partition] = f.offset + 1
             first.setdefault(f.partition, f.offset)
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        started = time.monotonic()
         try:
             self._producer.begin_transaction()
             for f in items:
@@ -550,8 +554,9 @@ class KafkaPipeline:
         self._count(items)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "committed %d results, offsets %s",
+                "committed %d results in %.0f ms, offsets %s",
                 len(items),
+                (time.monotonic() - started) * 1000,
                 {f"{t}[{p}]": (first[(t, p)], o) for (t, p), o in offsets.items()},
             )
         return True
@@ -692,7 +697,11 @@ class KafkaPipeline:
         try:
             positions = self._consumer.position(parts)
             for tp in positions:
-                _low, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+                # The watermarks the last fetch brought, not a broker query: a query per partition
+                # on this thread held consumption and commits up for a second at a time.
+                _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0:
+                    continue
                 pos = tp.offset if tp.offset >= 0 else _low
                 self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
                     max(0, high - pos)
