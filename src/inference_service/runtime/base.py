@@ -9,6 +9,10 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from inference_service.vision.letterbox import to_batch
+
+__all__ = ["Batch", "HeadOutput", "Images", "InferenceBackend", "ModelFiles", "to_batch"]
+
 Batch = npt.NDArray[np.float32]
 """A ``(n, 3, H, W)`` float32 RGB input in ``[0, 1]``."""
 Images = npt.NDArray[np.uint8]
@@ -60,19 +64,3 @@ class InferenceBackend(Protocol):
     def close(self) -> None:
         """Release the backend's resources; ``infer`` must not be called afterwards."""
         ...
-
-
-def to_batch(images: Images) -> Batch:
-    """``(n, H, W, 3)`` uint8 BGR → ``(n, 3, H, W)`` float32 RGB in ``[0, 1]`` (as ultralytics)."""
-    import cv2
-
-    n, h, w, _ = images.shape
-    out = np.empty((n, 3, h, w), dtype=np.float32)
-    for i in range(n):
-        blue, green, red = cv2.split(images[i])
-        for channel, plane in enumerate((red, green, blue)):
-            np.divide(plane, _SCALE, out=out[i, channel], dtype=np.float32)
-    return out
-
-
-_SCALE = np.float32(255.0)

@@ -109,10 +109,15 @@ def letterbox_image(image: ImageBGR, geo: LetterboxGeometry) -> ImageBGR:
 
 def to_tensor(image: ImageBGR, geo: LetterboxGeometry) -> Tensor:
     """Resize, pad, swap to RGB and scale ``image`` into a new ``(1, 3, H, W)`` tensor."""
-    padded = letterbox_image(image, geo)
-    in_h, in_w = geo.input_hw
-    out = np.empty((1, 3, in_h, in_w), dtype=np.float32)
-    blue, green, red = cv2.split(padded)
-    for channel, plane in enumerate((red, green, blue)):
-        np.divide(plane, _SCALE, out=out[0, channel], dtype=np.float32)
+    return to_batch(letterbox_image(image, geo)[np.newaxis])
+
+
+def to_batch(images: npt.NDArray[np.uint8]) -> Tensor:
+    """``(n, H, W, 3)`` uint8 BGR → ``(n, 3, H, W)`` float32 RGB in ``[0, 1]`` (as ultralytics)."""
+    n, h, w, _ = images.shape
+    out = np.empty((n, 3, h, w), dtype=np.float32)
+    for i in range(n):
+        blue, green, red = cv2.split(images[i])
+        for channel, plane in enumerate((red, green, blue)):
+            np.divide(plane, _SCALE, out=out[i, channel], dtype=np.float32)
     return out
