@@ -87,6 +87,11 @@ stack-down:
 bench-detector: venv
 	$(PY) bench/detector_bench.py $(BENCH_ARGS)
 
+# bf16 with the stem kept in f32: agreement with the fp32 reference and cost, per choice of layers.
+.PHONY: bench-bf16
+bench-bf16: venv
+	$(PY) bench/bf16_stem.py $(BENCH_ARGS)
+
 # End to end through Kafka and S3 vs the detector alone vs the original design in the same loop.
 .PHONY: bench-pipeline
 bench-pipeline: venv

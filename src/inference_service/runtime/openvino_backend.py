@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import numpy as np
 
 from inference_service.errors import ConfigError, ModelError
 from inference_service.runtime.base import Batch, HeadOutput, Images, to_batch
-from inference_service.runtime.mixed_precision import keep_f32
+from inference_service.runtime.mixed_precision import STEM_F32, keep_f32
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class OpenVinoBackend:
         device: str = "CPU",
         pinning: bool = False,
         max_requests: int = 8,
+        f32_layers: re.Pattern[str] | None = STEM_F32,
     ) -> None:
         if precision not in _PRECISION_HINTS:
             raise ConfigError(f"INFERENCE_PRECISION={precision}: expected fp32 or bf16")
@@ -102,7 +104,7 @@ class OpenVinoBackend:
                 )
         self._weights: Any = None
         try:
-            self._model = self._read(model_path, precision)
+            self._model = self._read(model_path, precision, f32_layers)
         except Exception as exc:  # OpenVINO raises untyped RuntimeErrors for bad files
             raise ModelError(f"OpenVINO cannot read {model_path}: {exc}") from exc
         self._config: dict[str, Any] = {
@@ -128,27 +130,29 @@ class OpenVinoBackend:
             ", ".join(f"{k}={v}" for k, v in self._config.items()),
         )
 
-    def _read(self, model_path: Path, precision: str) -> Any:
-        """The model as OpenVINO reads it; in bf16 an IR's stem is marked to stay f32."""
-        if precision != "bf16" or model_path.suffix != ".xml":
-            if precision == "bf16":
-                log.warning(
-                    "bf16 from %s: the stem cannot be kept in f32 outside an OpenVINO IR; the "
-                    "whole network runs in bf16 (further from the reference)",
-                    model_path,
-                )
+    def _read(self, model_path: Path, precision: str, f32_layers: re.Pattern[str] | None) -> Any:
+        """The model as OpenVINO reads it; in bf16, IR layers named by ``f32_layers`` stay f32."""
+        if precision != "bf16" or f32_layers is None:
+            return self._core.read_model(str(model_path))
+        if model_path.suffix != ".xml":
+            log.warning(
+                "bf16 from %s: layers can be kept in f32 only in an OpenVINO IR; the whole "
+                "network runs in bf16 (further from the reference)",
+                model_path,
+            )
             return self._core.read_model(str(model_path))
         import openvino as ov
 
-        text, marked = keep_f32(model_path.read_text(encoding="utf-8"))
-        if not marked:
-            log.warning(
-                "bf16: no layer of %s is named like an ultralytics YOLOv8 export (/model.N/...); "
-                "the whole network runs in bf16 (further from the reference)",
-                model_path,
-            )
+        text, marked = keep_f32(model_path.read_text(encoding="utf-8"), f32_layers)
+        if marked:
+            log.info("bf16: %d layers (%s) stay in f32", marked, f32_layers.pattern)
         else:
-            log.info("bf16: %d layers of the stem stay in f32 (detections closer to fp32)", marked)
+            log.warning(
+                "bf16: no layer of %s matches %s (the stem of an ultralytics YOLOv8 export); the "
+                "whole network runs in bf16 (further from the reference)",
+                model_path,
+                f32_layers.pattern,
+            )
         # The weights tensor wraps this array: keep it for the model's lifetime.
         self._weights = np.fromfile(model_path.with_suffix(".bin"), dtype=np.uint8)
         return self._core.read_model(text, ov.Tensor(self._weights))
