@@ -606,18 +606,47 @@ class KafkaPipeline:
             self._replace_producer()
 
     def _rewind(self, first: dict[Partition, int]) -> None:
-        """Seek each partition back to its first unpublished record and drop its later work."""
+        """Seek each partition back to where the group's committed offset says and drop its work.
+
+        A failed or abandoned transaction may still have committed (the broker took the commit
+        but the answer was lost or late): the committed offsets, fetched as stable offsets
+        (``read_committed`` makes librdkafka wait out a transaction still pending on them), say
+        which. ``first`` (the first record of the failed cycle) serves where they cannot be read.
+        """
         assert self._consumer is not None
         owned = [p for p in first if p in self._assigned]
         self._on_loop(lambda: self._inflight.drop(owned))
-        for topic, partition in owned:
-            offset = first[(topic, partition)]
+        positions = rewind_positions({p: first[p] for p in owned}, self._committed(owned))
+        for (topic, partition), offset in positions.items():
+            if offset != first[(topic, partition)]:
+                log.warning(
+                    "%s[%d]: the group's committed offset is %d, not %d: the failed transaction "
+                    "had committed after all; resuming there (no result repeated)",
+                    topic, partition, offset, first[(topic, partition)],
+                )  # fmt: skip
             self._next_offset[(topic, partition)] = offset
             try:
                 self._consumer.seek(TopicPartition(topic, partition, offset))
             except KafkaException as exc:
                 log.warning("seek %s[%d]@%d failed: %s", topic, partition, offset, exc)
-        log.warning("rewound %s", {f"{t}[{p}]": first[(t, p)] for t, p in owned})
+        log.warning("rewound %s", {f"{t}[{p}]": o for (t, p), o in positions.items()})
+
+    def _committed(self, partitions: list[Partition]) -> dict[Partition, int]:
+        """The group's committed offsets of ``partitions`` (those it has), or {} if unreadable."""
+        assert self._consumer is not None
+        if not partitions:
+            return {}
+        timeout = self._s.transaction_timeout_ms / 1000 + 10
+        try:
+            got = self._consumer.committed(
+                [TopicPartition(t, p) for t, p in partitions], timeout=timeout
+            )
+        except KafkaException as exc:
+            log.warning("could not read the committed offsets (%s); rewinding to the cycle", exc)
+            return {}
+        return {
+            (tp.topic, tp.partition): tp.offset for tp in got if tp.error is None and tp.offset >= 0
+        }
 
     def _produce_and_commit(self, finished: list[Finished]) -> None:
         """at_least_once: produce now; commit the acknowledged contiguous prefix."""
@@ -708,6 +737,15 @@ class KafkaPipeline:
                 )
         except KafkaException as exc:
             log.debug("lag not updated: %s", exc)
+
+
+def rewind_positions(
+    first: dict[Partition, int], committed: dict[Partition, int]
+) -> dict[Partition, int]:
+    """Where each partition resumes after a failed transaction: at the group's committed offset
+    where it has one (the broker knows whether the transaction committed after all), else at the
+    first record of the failed cycle."""
+    return {p: committed.get(p, offset) for p, offset in first.items()}
 
 
 def _names(partitions: list[TopicPartition]) -> str:

@@ -1,0 +1,28 @@
+"""Where partitions resume after a failed exactly_once transaction (pure logic)."""
+
+from __future__ import annotations
+
+from inference_service.adapters.kafka import rewind_positions
+
+P0 = ("inference_tasks", 0)
+P1 = ("inference_tasks", 1)
+P2 = ("inference_tasks", 2)
+
+
+def test_an_aborted_transaction_resumes_at_its_first_record() -> None:
+    # the group's committed offsets are still where the failed cycle began
+    assert rewind_positions({P0: 40, P1: 7}, {P0: 40, P1: 7}) == {P0: 40, P1: 7}
+
+
+def test_a_transaction_that_committed_after_all_is_not_repeated() -> None:
+    # the broker took the commit although the client saw a failure: resume after it
+    assert rewind_positions({P0: 40, P1: 7}, {P0: 52, P1: 9}) == {P0: 52, P1: 9}
+
+
+def test_partitions_without_a_readable_offset_fall_back_to_the_cycle() -> None:
+    assert rewind_positions({P0: 40, P1: 7, P2: 0}, {P1: 9}) == {P0: 40, P1: 9, P2: 0}
+    assert rewind_positions({P0: 40}, {}) == {P0: 40}
+
+
+def test_only_the_failed_cycle_s_partitions_move() -> None:
+    assert rewind_positions({P0: 40}, {P0: 41, P1: 100}) == {P0: 41}
