@@ -290,13 +290,18 @@ def test_detections_match_reference(
     assert not agreement.failures, "\n".join(agreement.failures[:20])
 
 
-def test_bf16_keeps_the_stem_in_f32(exported: Exported) -> None:
-    """Under bf16 the convolutions of /model.0-2/ run in f32 and the rest in bf16, as compiled."""
+@pytest.mark.parametrize("source", ["openvino IR", "onnx"])
+def test_bf16_keeps_the_stem_in_f32(exported: Exported, source: str) -> None:
+    """Under bf16 the convolutions of /model.0-2/ run in f32 and the rest in bf16, as compiled,
+    whether OpenVINO reads the IR or the ONNX file."""
     from inference_service.runtime.openvino_backend import OpenVinoBackend
 
-    assert exported.resolved.openvino_xml is not None
+    path = (
+        exported.resolved.openvino_xml if source == "openvino IR" else exported.resolved.onnx_path
+    )
+    assert path is not None
     try:
-        backend = OpenVinoBackend(exported.resolved.openvino_xml, precision="bf16")
+        backend = OpenVinoBackend(path, precision="bf16")
     except ConfigError as exc:
         pytest.skip(str(exc))
     backend.infer(np.zeros((1, 3, 192, 320), dtype=np.float32))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import re
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -134,16 +135,18 @@ class OpenVinoBackend:
         """The model as OpenVINO reads it; in bf16, IR layers named by ``f32_layers`` stay f32."""
         if precision != "bf16" or f32_layers is None:
             return self._core.read_model(str(model_path))
-        if model_path.suffix != ".xml":
-            log.warning(
-                "bf16 from %s: layers can be kept in f32 only in an OpenVINO IR; the whole "
-                "network runs in bf16 (further from the reference)",
-                model_path,
-            )
-            return self._core.read_model(str(model_path))
         import openvino as ov
 
-        text, marked = keep_f32(model_path.read_text(encoding="utf-8"), f32_layers)
+        if model_path.suffix == ".xml":
+            xml_text = model_path.read_text(encoding="utf-8")
+            self._weights = np.fromfile(model_path.with_suffix(".bin"), dtype=np.uint8)
+        else:  # ONNX: through OpenVINO's own IR, whose text can carry the marks
+            with tempfile.TemporaryDirectory(prefix="inference-service-ir-") as tmp:
+                ir = Path(tmp) / "model.xml"
+                ov.save_model(self._core.read_model(str(model_path)), ir, compress_to_fp16=False)
+                xml_text = ir.read_text(encoding="utf-8")
+                self._weights = np.fromfile(ir.with_suffix(".bin"), dtype=np.uint8)
+        text, marked = keep_f32(xml_text, f32_layers)
         if marked:
             log.info("bf16: %d layers (%s) stay in f32", marked, f32_layers.pattern)
         else:
@@ -153,8 +156,7 @@ class OpenVinoBackend:
                 model_path,
                 f32_layers.pattern,
             )
-        # The weights tensor wraps this array: keep it for the model's lifetime.
-        self._weights = np.fromfile(model_path.with_suffix(".bin"), dtype=np.uint8)
+        # The weights tensor wraps self._weights: it is kept for the model's lifetime.
         return self._core.read_model(text, ov.Tensor(self._weights))
 
     @property
