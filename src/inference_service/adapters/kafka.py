@@ -10,7 +10,8 @@ Delivery modes (SPEC.md, Guarantees):
 * ``exactly_once``: every commit cycle is one Kafka transaction holding the finished results (and
   dead letters) of the cycle plus the consumer offsets after them, sent with the consumer's group
   metadata so that a zombie instance is fenced. An abortable failure aborts the transaction and
-  rewinds the partitions of the cycle to their first uncommitted record.
+  rewinds the partitions of the cycle to the group's committed offsets (read as stable offsets, so
+  a transaction that committed although the client saw it fail is not repeated).
 * ``at_least_once``: results are produced (idempotent producer) as they finish; offsets are
   committed only up to the last contiguous record whose result the broker acknowledged.
 
