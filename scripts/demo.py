@@ -114,7 +114,9 @@ def ensure_topics(settings: Settings) -> None:
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    from inference_service.adapters.kafka import client_config
+
+    admin = AdminClient(client_config(settings))
     existing = admin.list_topics(timeout=30).topics
     wanted = {
         settings.tasks_topic: TOPIC_PARTITIONS,

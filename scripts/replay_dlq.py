@@ -27,6 +27,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from inference_service.adapters.kafka import client_config
 from inference_service.settings import load_settings
 
 log = logging.getLogger("replay_dlq")
@@ -45,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     source, target = settings.dlq_topic, args.to or settings.tasks_topic
     consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **client_config(settings),
         "group.id": args.group,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
         "enable.partition.eof": True,
     })  # fmt: skip
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers,
-                         "enable.idempotence": True, "acks": "all"})  # fmt: skip
+    producer = Producer({**client_config(settings), "enable.idempotence": True,
+                         "acks": "all"})  # fmt: skip
     failed: list[str] = []
     replayed = skipped = 0
     next_offsets: dict[int, int] = {}

@@ -10,7 +10,9 @@ Run through ``scripts/stack`` (which picks the repository's ``.venv`` Python)::
 
 ``up`` prints only ``export`` lines on stdout; progress goes to stderr. Data, logs and pid files
 live under ``.stack/`` (``STACK_DIR``). Ports: ``STACK_KAFKA_PORT`` (19092),
-``STACK_KAFKA_CONTROLLER_PORT`` (19093), ``STACK_S3_PORT`` (18333); ``STACK_PORT_OFFSET`` shifts
+``STACK_KAFKA_CONTROLLER_PORT`` (19093), ``STACK_KAFKA_SASL_PORT`` (19094: a second listener that
+takes SASL/PLAIN, user ``inference``, for the service's SASL settings), ``STACK_S3_PORT`` (18333);
+``STACK_PORT_OFFSET`` shifts
 every port, SeaweedFS's internal ones included, so that a second stack can run beside the first.
 """
 
@@ -48,6 +50,8 @@ VENV_BIN = Path(sys.executable).parent
 ACCESS_KEY = "inference"
 SECRET_KEY = "inference-secret"
 REGION = "us-east-1"
+KAFKA_SASL_USER = "inference"
+KAFKA_SASL_PASSWORD = "inference-secret"
 BUCKET = "frames"
 PROBE_KEY = "_stack/probe"
 """An object the S3 readiness probe writes and reads back."""
@@ -83,6 +87,7 @@ class Config:
     state_dir: Path
     kafka_port: int
     kafka_controller_port: int
+    kafka_sasl_port: int
     s3_port: int
     master_port: int
     volume_port: int
@@ -97,6 +102,7 @@ class Config:
             state_dir=state,
             kafka_port=_env_int("STACK_KAFKA_PORT", 19092 + off),
             kafka_controller_port=_env_int("STACK_KAFKA_CONTROLLER_PORT", 19093 + off),
+            kafka_sasl_port=_env_int("STACK_KAFKA_SASL_PORT", 19094 + off),
             s3_port=_env_int("STACK_S3_PORT", 18333 + off),
             master_port=_env_int("STACK_WEED_MASTER_PORT", 19333 + off),
             volume_port=_env_int("STACK_WEED_VOLUME_PORT", 18080 + off),
@@ -116,6 +122,9 @@ class Config:
         """The environment that points a client at this stack (what ``up`` prints)."""
         return {
             "INFERENCE_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "STACK_KAFKA_SASL_BOOTSTRAP": f"{HOST}:{self.kafka_sasl_port}",
+            "STACK_KAFKA_SASL_USERNAME": KAFKA_SASL_USER,
+            "STACK_KAFKA_SASL_PASSWORD": KAFKA_SASL_PASSWORD,
             "INFERENCE_S3_ENDPOINT_URL": self.s3_endpoint,
             "AWS_ACCESS_KEY_ID": ACCESS_KEY,
             "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
@@ -344,7 +353,11 @@ class Kafka(Server):
         super().__init__(
             name="kafka",
             cfg=cfg,
-            ports={"broker": cfg.kafka_port, "controller": cfg.kafka_controller_port},
+            ports={
+                "broker": cfg.kafka_port,
+                "controller": cfg.kafka_controller_port,
+                "sasl": cfg.kafka_sasl_port,
+            },
         )
 
     @property
@@ -360,16 +373,25 @@ class Kafka(Server):
         data = self.home / "data"
         data.mkdir(parents=True, exist_ok=True)
         (self.home / "logs").mkdir(exist_ok=True)
-        b, c = self.cfg.kafka_port, self.cfg.kafka_controller_port
+        b, c, sasl = self.cfg.kafka_port, self.cfg.kafka_controller_port, self.cfg.kafka_sasl_port
+        jaas = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{KAFKA_SASL_USER}="{KAFKA_SASL_PASSWORD}";'
+        )
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"{HOST}:{c}",
-            "listeners": f"PLAINTEXT://{HOST}:{b},CONTROLLER://{HOST}:{c}",
-            "advertised.listeners": f"PLAINTEXT://{HOST}:{b},CONTROLLER://{HOST}:{c}",
+            "listeners": f"PLAINTEXT://{HOST}:{b},SASL_PLAINTEXT://{HOST}:{sasl},"
+            f"CONTROLLER://{HOST}:{c}",
+            "advertised.listeners": f"PLAINTEXT://{HOST}:{b},SASL_PLAINTEXT://{HOST}:{sasl},"
+            f"CONTROLLER://{HOST}:{c}",
             "inter.broker.listener.name": "PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,"
+            "SASL_PLAINTEXT:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": jaas,
             "log.dirs": str(data),
             "num.partitions": "1",
             "offsets.topic.replication.factor": "1",

@@ -122,7 +122,7 @@ async def serve(settings: Settings) -> int:
         pool_start = asyncio.ensure_future(pool.start())
 
         async def check_kafka() -> None:
-            await asyncio.to_thread(kafka_ready, settings.kafka_bootstrap_servers)
+            await asyncio.to_thread(kafka_ready, settings)
 
         async def check_s3() -> None:
             await store.check(settings.s3_bucket)

@@ -348,6 +348,9 @@ class DetectorPool:
         )
         self._monitor.start()
         ok = await asyncio.to_thread(self._wait_ready, self._start_timeout_s)
+        if not ok and self._closing.is_set():
+            log.info("detector pool stopped before it was ready")
+            return
         if not ok:
             reason = self._fatal or f"workers not ready after {self._start_timeout_s:.0f} s"
             await self.stop()
@@ -370,7 +373,7 @@ class DetectorPool:
     def _wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._fatal is not None:
+            if self._fatal is not None or self._closing.is_set():
                 return False
             if self._all_ready.wait(_POLL_S):
                 return True

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inference_service.errors import ConfigError
@@ -22,6 +22,8 @@ ENV_PREFIX = "INFERENCE_"
 Delivery = Literal["exactly_once", "at_least_once"]
 Runtime = Literal["auto", "openvino", "onnxruntime", "ncnn", "onnxruntime-cuda", "openvino-gpu"]
 Precision = Literal["fp32", "bf16"]
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class Settings(BaseSettings):
@@ -40,6 +42,27 @@ class Settings(BaseSettings):
     results_topic: str = Field("inference_results", description="Output topic of results.")
     dlq_topic: str = Field("inference_tasks.dlq", description="Dead-letter topic for bad tasks.")
     group_id: str = Field("inference-group", description="Kafka consumer group.")
+    kafka_security_protocol: KafkaSecurityProtocol = Field(
+        "PLAINTEXT",
+        description="How every Kafka client talks to the brokers: PLAINTEXT, SSL, SASL_PLAINTEXT "
+        "or SASL_SSL.",
+    )
+    kafka_sasl_mechanism: SaslMechanism = Field(
+        "PLAIN",
+        description="SASL mechanism of the SASL_* protocols: PLAIN, SCRAM-SHA-256 or "
+        "SCRAM-SHA-512.",
+    )
+    kafka_sasl_username: str | None = Field(
+        None, description="SASL user name (required by the SASL_* protocols)."
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="SASL password (required by the SASL_* protocols; never printed)."
+    )
+    kafka_ssl_ca_location: Path | None = Field(
+        None,
+        description="PEM file of the CA that signed the brokers' certificates (SSL, SASL_SSL); "
+        "unset: the system's CAs.",
+    )
     delivery: Delivery = Field(
         "exactly_once",
         description="exactly_once (Kafka transactions) or at_least_once (commit after ack).",
@@ -153,12 +176,30 @@ class Settings(BaseSettings):
             raise ValueError("expected a positive integer or 'auto'")
         return value
 
-    @field_validator("s3_endpoint_url", mode="before")
+    @field_validator(
+        "s3_endpoint_url",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_ssl_ca_location",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL_") and (
+            self.kafka_sasl_username is None or self.kafka_sasl_password is None
+        ):
+            raise ValueError(
+                f"{env_name('kafka_security_protocol')}={self.kafka_security_protocol} needs "
+                f"{env_name('kafka_sasl_username')} and {env_name('kafka_sasl_password')} "
+                f"(flags {flag_name('kafka_sasl_username')}, {flag_name('kafka_sasl_password')})"
+            )
+        return self
 
     def cache_path(self) -> Path:
         """The cache directory with ``~`` expanded."""
@@ -190,7 +231,10 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
 def _explain(exc: ValidationError) -> str:
     lines = ["invalid settings:"]
     for err in exc.errors():
-        name = str(err["loc"][0]) if err["loc"] else "?"
+        if not err["loc"]:  # a rule across settings: its message names them (no input echoed)
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+            continue
+        name = str(err["loc"][0])
         field = Settings.model_fields.get(name)
         accepted = field.description if field is not None else ""
         lines.append(

@@ -372,3 +372,30 @@ def test_http_endpoints(pipeline: Pipeline) -> None:
     for name in ("inference_results_total", "inference_stage_seconds_bucket", "inference_in_flight",
                  "inference_consumer_lag", "inference_rebalances_total", "inference_batch_size"):  # fmt: skip
         assert name in metrics, name
+
+
+def test_sasl_credentials_reach_the_broker_and_refused_ones_stop_start_up(
+    pipeline: Pipeline, s3_client: Any, stack_env: dict[str, str]
+) -> None:
+    """Through the stack's SASL/PLAIN listener: a wrong password stops start-up with a message
+    naming the settings; the right one serves every task."""
+    tasks = upload_videos(pipeline, s3_client, videos=2, frames=5)
+    pipeline.produce(tasks)
+    sasl = {
+        "INFERENCE_KAFKA_BOOTSTRAP_SERVERS": stack_env["STACK_KAFKA_SASL_BOOTSTRAP"],
+        "INFERENCE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "INFERENCE_KAFKA_SASL_MECHANISM": "PLAIN",
+        "INFERENCE_KAFKA_SASL_USERNAME": stack_env["STACK_KAFKA_SASL_USERNAME"],
+    }
+    refused = pipeline.service(**sasl, INFERENCE_KAFKA_SASL_PASSWORD="not-the-password")
+    assert refused.wait(timeout=90) == 2, refused.log_tail()
+    log = refused.log_tail()
+    assert "refused the credentials" in log and "INFERENCE_KAFKA_SASL_PASSWORD" in log, log
+    assert "not-the-password" not in log
+    svc = pipeline.service(
+        **sasl, INFERENCE_KAFKA_SASL_PASSWORD=stack_env["STACK_KAFKA_SASL_PASSWORD"]
+    )
+    svc.wait_ready()
+    results = results_of(pipeline.read(pipeline.results_topic, expected=len(tasks)))
+    assert len(results) == len(tasks) and all(r["status"] == "ok" for r in results)
+    assert_ordered_per_video(results)

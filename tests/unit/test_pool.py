@@ -70,8 +70,10 @@ class FakeDetector:
 class FakeFactory:
     fail: bool = False
     crash: bool = False
+    load_s: float = 0.0
 
     def __call__(self) -> FakeDetector:
+        time.sleep(self.load_s)
         if self.fail:
             raise RuntimeError("no such model")
         if self.crash:
@@ -219,6 +221,23 @@ def test_stop_is_prompt_and_cancels_unanswered_frames() -> None:
         assert isinstance(outcomes[1], asyncio.CancelledError)
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+    run(go())
+
+
+def test_stop_during_start_ends_the_start_promptly() -> None:
+    """serve stops the pool when Kafka refuses its credentials while models still load: the
+    start must not keep waiting for workers that are being shut down."""
+
+    async def go() -> None:
+        pool = DetectorPool(settings(), FakeFactory(load_s=30), processes=1, threads=1)
+        starting = asyncio.ensure_future(pool.start())
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        await pool.stop()
+        await asyncio.wait_for(starting, 5)  # returns, no error: nothing failed to load
+        assert time.monotonic() - t0 < 5
+        assert not pool.ready()
 
     run(go())
 

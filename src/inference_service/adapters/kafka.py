@@ -46,7 +46,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from inference_service.errors import TransientError
+from inference_service.errors import ConfigError, TransientError
 from inference_service.metrics import Metrics
 from inference_service.ordering import Finished, InFlight, Partition
 from inference_service.processing import Backoff, Health, Outcome, Record, TaskProcessor
@@ -98,15 +98,56 @@ def _bounded(what: str, fn: Callable[..., T], *args: Any) -> T:
     return result
 
 
-def kafka_ready(bootstrap: str, timeout: float = 5.0) -> None:
-    """Raise ``KafkaUnavailableError`` unless a metadata request answers."""
-    admin = AdminClient(
-        {"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 3000}
-    )
-    try:
-        admin.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise KafkaUnavailableError(f"Kafka at {bootstrap} does not answer: {exc}") from exc
+def client_config(settings: Settings) -> dict[str, Any]:
+    """The brokers and security properties that every Kafka client of the service uses."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "security.protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        password = settings.kafka_sasl_password
+        conf["sasl.mechanism"] = settings.kafka_sasl_mechanism
+        conf["sasl.username"] = settings.kafka_sasl_username
+        conf["sasl.password"] = password.get_secret_value() if password is not None else None
+    if settings.kafka_ssl_ca_location is not None:
+        conf["ssl.ca.location"] = str(settings.kafka_ssl_ca_location.expanduser())
+    return conf
+
+
+def kafka_ready(settings: Settings, timeout: float = 5.0) -> None:
+    """Raise ``KafkaUnavailableError`` unless a metadata request answers within ``timeout``.
+
+    Credentials the brokers refuse raise :class:`ConfigError` at once: waiting would not help.
+    """
+    errors: list[KafkaError] = []
+    conf: dict[str, Any] = {
+        **client_config(settings),
+        "socket.connection.setup.timeout.ms": 3000,
+        "error_cb": errors.append,
+    }
+    admin = AdminClient(conf)
+    deadline = time.monotonic() + timeout
+    failure: KafkaException | None = None
+    refused: KafkaError | None = None
+    while True:
+        try:
+            admin.list_topics(timeout=max(0.1, min(0.5, deadline - time.monotonic())))
+            return
+        except KafkaException as exc:
+            failure = exc
+        admin.poll(0)  # serves error_cb
+        refused = next((e for e in errors if e.code() == KafkaError._AUTHENTICATION), None)
+        if refused is not None or time.monotonic() >= deadline:
+            break
+    del admin  # stop its connection attempts now, not when the traceback is collected
+    bootstrap = settings.kafka_bootstrap_servers
+    if refused is not None:
+        raise ConfigError(
+            f"Kafka at {bootstrap} refused the credentials ({refused.str()}); check "
+            "INFERENCE_KAFKA_SECURITY_PROTOCOL, INFERENCE_KAFKA_SASL_MECHANISM, "
+            "INFERENCE_KAFKA_SASL_USERNAME and INFERENCE_KAFKA_SASL_PASSWORD"
+        )
+    raise KafkaUnavailableError(f"Kafka at {bootstrap} does not answer: {failure}")
 
 
 @dataclass(slots=True)
@@ -216,7 +257,7 @@ class KafkaPipeline:
 
     def _consumer_config(self) -> dict[str, Any]:
         return {
-            "bootstrap.servers": self._s.kafka_bootstrap_servers,
+            **client_config(self._s),
             "group.id": self._s.group_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -232,7 +273,7 @@ class KafkaPipeline:
 
     def _producer_config(self) -> dict[str, Any]:
         conf: dict[str, Any] = {
-            "bootstrap.servers": self._s.kafka_bootstrap_servers,
+            **client_config(self._s),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,

@@ -94,10 +94,12 @@ def read_results(
     """Feed ``collector`` from the results topic until it is done, the topic ends, or timeout."""
     from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+    from inference_service.adapters.kafka import client_config
+
     topic = settings.results_topic
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **client_config(settings),
             "group.id": f"collect-{uuid.uuid4().hex[:12]}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,

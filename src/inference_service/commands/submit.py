@@ -215,13 +215,15 @@ async def submit(settings: Settings, video_id: str, frames: Iterator[SourceFrame
     import obstore
     from confluent_kafka import Producer
 
+    from inference_service.adapters.kafka import client_config
+
     bucket = settings.s3_bucket
     store = s3_store(settings, bucket)
     report = SubmitReport()
     failures: list[str] = []
     producer = Producer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **client_config(settings),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
