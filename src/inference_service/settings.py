@@ -134,7 +134,7 @@ class Settings(BaseSettings):
         50_000_000, ge=1024, description="Largest decoded frame accepted, in pixels (w × h)."
     )
     max_in_flight: int = Field(
-        64,
+        128,
         ge=1,
         description="Most tasks consumed but not yet published; consumption pauses at this many "
         "and resumes at three quarters.",
