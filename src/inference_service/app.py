@@ -11,11 +11,12 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from inference_service.adapters.kafka import KafkaPipeline, kafka_ready
+from inference_service.adapters.kafka import kafka_ready, open_kafka
 from inference_service.adapters.s3 import S3FrameStore
-from inference_service.errors import ConfigError, TransientError
+from inference_service.errors import ConfigError, InferenceError
 from inference_service.http_api import Readiness, build_app
 from inference_service.metrics import Metrics
+from inference_service.pipeline import Pipeline, PipelineConfig
 from inference_service.pool import DetectorPool
 from inference_service.processing import Backoff, TaskProcessor
 from inference_service.settings import Settings
@@ -59,7 +60,9 @@ async def wait_for(
     while not stop.is_set():
         try:
             await check()
-        except TransientError as exc:
+        except InferenceError as exc:
+            if not exc.retriable:
+                raise
             waited = time.monotonic() - started
             if timeout_s and waited > timeout_s:
                 raise ConfigError(
@@ -81,7 +84,7 @@ async def serve(settings: Settings) -> int:
     """Run the service until SIGTERM or SIGINT; 0 on a clean stop."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    pipeline: KafkaPipeline | None = None
+    pipeline: Pipeline | None = None
 
     def on_signal(signum: int) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
@@ -143,8 +146,14 @@ async def serve(settings: Settings) -> int:
         )
         if stop.is_set():
             return 0
-        pipeline = KafkaPipeline(settings, processor, metrics)
-        await pipeline.run()
+        io, source, sink = open_kafka(settings, metrics)
+        pipeline = Pipeline(
+            PipelineConfig.from_settings(settings), source, sink, processor, metrics
+        )
+        try:
+            await pipeline.run()
+        finally:
+            io.shutdown()
         log.info("stopped cleanly")
         return 0
     finally:

@@ -16,6 +16,29 @@ SCHEMA_VERSION = 1
 
 JsonObject = dict[str, Any]
 
+Partition = tuple[str, int]
+"""A source partition: ``(topic, partition)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed task record, as the pipeline sees it (no client types)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+    @property
+    def source(self) -> Partition:
+        return (self.topic, self.partition)
+
+    @property
+    def size(self) -> int:
+        """Bytes of key and value (what the task-size limit counts)."""
+        return len(self.key or b"") + len(self.value or b"")
+
 
 @dataclass(frozen=True, slots=True)
 class Task:
@@ -168,3 +191,33 @@ class Result:
             out["error"] = {"code": str(self.error.code), "message": self.error.message}
         out.update(self.extra)
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A copy of a bad task for the dead-letter topic, with headers saying why."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What to publish for one record: a result (unless not even JSON), a dead letter or not."""
+
+    key: bytes | None
+    result: JsonObject | None
+    dead_letter: DeadLetter | None
+    status: str
+    """``ok`` or the error code, for metrics."""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A record whose outcome is ready to publish, in its partition's order."""
+
+    partition: Partition
+    offset: int
+    outcome: Outcome

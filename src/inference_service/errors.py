@@ -5,17 +5,23 @@ Every failure is an :class:`InferenceError`. Callers test the class flags, not l
     InferenceError                 retriable  poison
     ├── TaskError                      no       yes   the task or its frame is bad; never retried
     │   ├── InvalidTaskError           (code: invalid_task)
+    │   │   └── NotJsonError           (not even JSON: dead letter only, no result)
     │   ├── FrameNotFoundError         (code: frame_not_found)
     │   ├── UndecodableFrameError      (code: undecodable_frame)
     │   ├── FrameTooLargeError         (code: frame_too_large)
     │   └── InferenceFailedError       (code: inference_failed)
     ├── TransientError                 yes       no   the world is briefly unwell (S3 or Kafka down)
-    │   └── StoreUnavailableError
-    └── ConfigError                    no        no   start-up refuses a setting or a model
-        └── ModelError
+    │   ├── StoreUnavailableError
+    │   ├── KafkaUnavailableError
+    │   └── HungCallError              a client call outlived its watchdog
+    ├── ConfigError                    no        no   start-up refuses a setting or a model
+    │   ├── ModelError
+    │   └── TopicMissingError          a topic a command reads does not exist
+    └── CommandError                   no        no   a command's own input cannot be used (exit 2)
 
 A poison error becomes an error result (``status: "error"``) plus a DLQ copy; a retriable one pauses
 consumption and is retried with backoff; a configuration error stops start-up with its message.
+Callers branch on ``retriable`` and ``poison``, not on lists of classes.
 """
 
 from __future__ import annotations
@@ -59,6 +65,10 @@ class InvalidTaskError(TaskError):
     code = ErrorCode.INVALID_TASK
 
 
+class NotJsonError(InvalidTaskError):
+    """The record's value is not a JSON object at all: it goes to the dead-letter topic only."""
+
+
 class FrameNotFoundError(TaskError):
     """The frame's object (or its bucket) does not exist."""
 
@@ -93,9 +103,25 @@ class StoreUnavailableError(TransientError):
     """The object store cannot be reached or answers with a server error."""
 
 
+class KafkaUnavailableError(TransientError):
+    """The Kafka brokers cannot be reached."""
+
+
+class HungCallError(TransientError):
+    """A client call did not return within its watchdog; the client is replaced."""
+
+
 class ConfigError(InferenceError):
     """A setting or the model cannot be used; start-up stops with this message."""
 
 
 class ModelError(ConfigError):
     """The model file is missing, unreadable, or not a YOLOv8 detection model."""
+
+
+class TopicMissingError(ConfigError):
+    """A Kafka topic that a command reads does not exist."""
+
+
+class CommandError(InferenceError):
+    """A command's own input (a file, a video, an argument) cannot be used; the command exits 2."""

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from inference_service.domain import Result, ResultError
 from inference_service.errors import ErrorCode, TaskError
 from inference_service.metrics import Metrics
 from inference_service.ports import AsyncDetector
+from inference_service.results import Identity, build_result, stage_timings
 
 log = logging.getLogger(__name__)
 
@@ -74,38 +74,13 @@ def build_app(
             found = await detector.detect(data)
         except TaskError as exc:
             metrics.results.labels(str(exc.code)).inc()
-            result = Result(
-                task_id=task_id,
-                video_id="",
-                frame_id=None,
-                bucket="",
-                s3_key=name or None,
-                status="error",
-                model=detector.info,
-                timings_ms={"fetch": 0.0, "decode": 0.0, "inference": 0.0,
-                            "total": (time.perf_counter() - started) * 1000},
-                error=ResultError(exc.code, exc.message),
-            )  # fmt: skip
-            return web.json_response(result.to_dict(), status=STATUS_BY_CODE.get(exc.code, 400))
-        result = Result(
-            task_id=task_id,
-            video_id="",
-            frame_id=0,
-            bucket="",
-            s3_key=name or None,
-            status="ok",
-            image=found.image,
-            detections=found.detections,
-            model=detector.info,
-            timings_ms={
-                "fetch": 0.0,
-                "decode": found.decode_ms,
-                "preprocess": found.preprocess_ms,
-                "inference": found.inference_ms,
-                "postprocess": found.postprocess_ms,
-                "total": (time.perf_counter() - started) * 1000,
-            },
-        )
+            identity = Identity(task_id, "", None, "", name or None)
+            timings = stage_timings(None, total_ms=(time.perf_counter() - started) * 1000)
+            failed = build_result(identity, detector.info, timings, error=exc)
+            return web.json_response(failed.to_dict(), status=STATUS_BY_CODE.get(exc.code, 400))
+        identity = Identity(task_id, "", 0, "", name or None)
+        timings = stage_timings(found, total_ms=(time.perf_counter() - started) * 1000)
+        result = build_result(identity, detector.info, timings, found=found)
         metrics.results.labels("ok").inc()
         metrics.observe_timings(result.timings_ms)
         return web.json_response(result.to_dict())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from inference_service.domain import FrameDetections, ModelInfo
+from inference_service.domain import Finished, FrameDetections, ModelInfo, Partition, Record
 
 
 class FrameStore(Protocol):
@@ -50,3 +52,92 @@ class AsyncDetector(Protocol):
     def ready(self) -> bool:
         """True once every worker has loaded and warmed its model."""
         ...
+
+
+class PartitionListener(Protocol):
+    """Told of assignment changes by a :class:`TaskSource`, from inside :meth:`TaskSource.poll`.
+
+    Both calls run on the thread that runs the source's poll and return only when their work is
+    done: a revoked partition's records must be forgotten before another consumer may take it.
+    """
+
+    def assigned(self, partitions: Sequence[Partition]) -> None: ...
+
+    def revoked(self, partitions: Sequence[Partition], *, lost: bool) -> None:
+        """``lost``: the session expired, the partitions already have another owner."""
+        ...
+
+
+class TaskSource(Protocol):
+    """Where task records come from (a Kafka consumer group in production)."""
+
+    @property
+    def ready(self) -> bool:
+        """True once the source has joined its group and can be assigned partitions."""
+        ...
+
+    async def open(self, listener: PartitionListener) -> None:
+        """Subscribe; assignment changes are reported to ``listener`` during :meth:`poll`."""
+        ...
+
+    async def poll(self, max_records: int) -> list[Record]:
+        """Up to ``max_records`` records in offset order per partition, after a short wait.
+
+        A record delivered again below its partition's position is not returned twice.
+        """
+        ...
+
+    async def set_paused(self, paused: bool) -> None:
+        """Pause or resume every assigned partition, including partitions assigned later."""
+        ...
+
+    async def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        """The group's committed offsets of ``partitions`` that have one ({} when unreadable)."""
+        ...
+
+    async def seek(self, positions: dict[Partition, int]) -> None:
+        """Continue each partition at its given offset."""
+        ...
+
+    async def close(self) -> None:
+        """Leave the group (revocations are reported first)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What one :meth:`ResultSink.publish` achieved."""
+
+    published: list[Finished] = field(default_factory=list)
+    """The outcomes now on their way to (or in) the output topics, for counting."""
+    rewind: dict[Partition, int] = field(default_factory=dict)
+    """Partitions whose work since these offsets must be dropped and consumed again."""
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.rewind)
+
+
+class ResultSink(Protocol):
+    """Where outcomes go, and where the consumed offsets are committed with them.
+
+    Two implementations behind this one interface: transactional (``exactly_once``: results and
+    offsets in one transaction) and acknowledging (``at_least_once``: offsets committed only up to
+    the last contiguous outcome the broker acknowledged).
+    """
+
+    async def open(self) -> None: ...
+
+    async def publish(self, finished: list[Finished]) -> Published:
+        """Publish ``finished`` (in order per partition) and commit the offsets after them.
+
+        Also called with nothing finished, so that acknowledged offsets keep being committed.
+        """
+        ...
+
+    def revoked(self, partitions: Sequence[Partition], *, lost: bool) -> None:
+        """Settle ``partitions`` before they are handed over (called inside the source's poll):
+        commit what may still be committed, unless ``lost``; forget them either way."""
+        ...
+
+    async def close(self) -> None: ...

@@ -12,46 +12,15 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from inference_service.domain import JsonObject, Result, ResultError, Task
-from inference_service.errors import InvalidTaskError, TaskError, TransientError
+from inference_service.domain import DeadLetter, JsonObject, Outcome, Record, Task
+from inference_service.errors import InferenceError, InvalidTaskError, NotJsonError, TaskError
 from inference_service.ports import AsyncDetector, FrameStore
-from inference_service.tasks import NotJsonError, decode_record, parse_task, partial_identity
+from inference_service.results import Identity, build_result, stage_timings
+from inference_service.tasks import decode_record, parse_task, partial_identity
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A consumed Kafka record, as the processor needs it."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A copy of a bad task for the dead-letter topic."""
-
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What to publish for one record: a result (unless not even JSON), a dead letter or not."""
-
-    key: bytes | None
-    result: JsonObject | None
-    dead_letter: DeadLetter | None
-    status: str
-    """``ok`` or the error code, for metrics."""
-    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -126,7 +95,7 @@ class TaskProcessor:
                 status=str(exc.code),
             )
         identity = partial_identity(obj, record.key, self._default_bucket)
-        return self._failed(record, identity, exc, {"total": 0.0})
+        return self._failed(record, identity, exc, stage_timings(None, total_ms=0.0))
 
     async def process(self, record: Record) -> Outcome:
         started = time.perf_counter()
@@ -143,62 +112,36 @@ class TaskProcessor:
             )
         except InvalidTaskError as exc:
             identity = partial_identity(obj, record.key, self._default_bucket)
-            return self._failed(record, identity, exc, {"total": _ms_since(started)})
+            timings = stage_timings(None, total_ms=_ms_since(started))
+            return self._failed(record, identity, exc, timings)
         return await self._run(record, task, started)
 
     async def _run(self, record: Record, task: Task, started: float) -> Outcome:
-        timings: dict[str, float] = {}
-        identity = {
-            "task_id": task.task_id,
-            "video_id": task.video_id,
-            "frame_id": task.frame_id,
-            "bucket": task.bucket,
-            "s3_key": task.s3_key,
-            "meta": task.meta,
-        }
+        identity = Identity.of_task(task)
+        fetch_ms = 0.0
         try:
             t0 = time.perf_counter()
             data = await self._fetch(task)
-            timings["fetch"] = _ms_since(t0)
+            fetch_ms = _ms_since(t0)
             t1 = time.perf_counter()
             self.held_bytes += len(data)
             try:
                 found = await self._detector.detect(data)
             finally:
                 self.held_bytes -= len(data)
-            timings["queue"] = max(
-                0.0,
-                _ms_since(t1)
-                - (
-                    found.decode_ms
-                    + found.preprocess_ms
-                    + found.inference_ms
-                    + found.postprocess_ms
-                ),
-            )
         except TaskError as exc:
-            timings["total"] = _ms_since(started)
+            timings = stage_timings(None, fetch_ms=fetch_ms, total_ms=_ms_since(started))
             return self._failed(record, identity, exc, timings)
-        timings.update(
-            decode=found.decode_ms,
-            preprocess=found.preprocess_ms,
-            inference=found.inference_ms,
-            postprocess=found.postprocess_ms,
-            total=_ms_since(started),
+        worked_ms = (
+            found.decode_ms + found.preprocess_ms + found.inference_ms + found.postprocess_ms
         )
-        result = Result(
-            task_id=task.task_id,
-            video_id=task.video_id,
-            frame_id=task.frame_id,
-            bucket=task.bucket,
-            s3_key=task.s3_key,
-            meta=task.meta,
-            status="ok",
-            image=found.image,
-            detections=found.detections,
-            model=self._detector.info,
-            timings_ms=timings,
+        timings = stage_timings(
+            found,
+            fetch_ms=fetch_ms,
+            queue_ms=max(0.0, _ms_since(t1) - worked_ms),
+            total_ms=_ms_since(started),
         )
+        result = build_result(identity, self._detector.info, timings, found=found)
         return Outcome(
             key=record.key,
             result=result.to_dict(),
@@ -212,7 +155,9 @@ class TaskProcessor:
         while True:
             try:
                 data = await self._store.get(task.bucket, task.s3_key)
-            except TransientError as exc:
+            except InferenceError as exc:
+                if not exc.retriable:
+                    raise
                 self.health.store_failed(str(exc))
                 await asyncio.sleep(self._backoff.delay(attempt))
                 attempt += 1
@@ -223,27 +168,11 @@ class TaskProcessor:
     def _failed(
         self,
         record: Record,
-        identity: dict[str, object],
+        identity: Identity,
         exc: TaskError,
         timings: dict[str, float],
     ) -> Outcome:
-        for stage in ("fetch", "decode", "inference"):
-            timings.setdefault(stage, 0.0)
-        timings.setdefault("total", 0.0)
-        video_id = identity.get("video_id")
-        frame_id = identity.get("frame_id")
-        result = Result(
-            task_id=_opt_str(identity.get("task_id")),
-            video_id=video_id if isinstance(video_id, str) else "",
-            frame_id=frame_id if isinstance(frame_id, int) else None,
-            bucket=str(identity.get("bucket") or self._default_bucket),
-            s3_key=_opt_str(identity.get("s3_key")),
-            meta=meta if isinstance(meta := identity.get("meta"), dict) else None,
-            status="error",
-            model=self._detector.info,
-            timings_ms=timings,
-            error=ResultError(code=exc.code, message=exc.message),
-        )
+        result = build_result(identity, self._detector.info, timings, error=exc)
         log.info(
             "task at %s[%d]@%d failed: %s: %s",
             record.topic,
@@ -277,7 +206,3 @@ class TaskProcessor:
 
 def _ms_since(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
-
-
-def _opt_str(value: object) -> str | None:
-    return value if isinstance(value, str) else None

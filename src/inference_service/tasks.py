@@ -12,15 +12,12 @@ import json
 from typing import Any
 
 from inference_service.domain import JsonObject, Task
-from inference_service.errors import InvalidTaskError
+from inference_service.errors import InvalidTaskError, NotJsonError
+from inference_service.results import Identity
 
 KEY_ALIASES = ("s3_key", "frame_path", "s3_path", "path")
 MAX_KEY_BYTES = 1024
 MAX_ID_CHARS = 512
-
-
-class NotJsonError(InvalidTaskError):
-    """The record's value is not a JSON object at all."""
 
 
 def decode_record(value: bytes | None) -> JsonObject:
@@ -117,12 +114,10 @@ def check_key(key: str) -> None:
         raise InvalidTaskError("s3 key is not valid UTF-8") from None
 
 
-def partial_identity(
-    obj: JsonObject | None, key: bytes | None, default_bucket: str
-) -> dict[str, Any]:
-    """The identity fields an error result of an invalid task can still carry.
+def partial_identity(obj: JsonObject | None, key: bytes | None, default_bucket: str) -> Identity:
+    """The identity an error result of an invalid task can still carry.
 
-    Fields of the wrong type are dropped (set to None); the video id falls back to the record key.
+    Fields of the wrong type are dropped (None); the video id falls back to the record key.
     """
     obj = obj or {}
     video_id = obj.get("video_id")
@@ -131,21 +126,21 @@ def partial_identity(
     frame_id = obj.get("frame_id")
     if isinstance(frame_id, bool) or not isinstance(frame_id, int) or frame_id < 0:
         frame_id = None
-    s3_key: Any = None
+    s3_key: str | None = None
     for alias in KEY_ALIASES:
-        if isinstance(obj.get(alias), str):
-            s3_key = obj[alias]
+        if isinstance(found := obj.get(alias), str):
+            s3_key = found
             break
     bucket = obj.get("bucket")
     task_id = obj.get("task_id")
     if not isinstance(task_id, str):
         task_id = f"{video_id}:{frame_id}" if frame_id is not None else None
     meta = obj.get("meta")
-    return {
-        "task_id": task_id,
-        "video_id": video_id,
-        "frame_id": frame_id,
-        "bucket": bucket if isinstance(bucket, str) else default_bucket,
-        "s3_key": s3_key,
-        "meta": meta if isinstance(meta, dict) else None,
-    }
+    return Identity(
+        task_id=task_id,
+        video_id=video_id,
+        frame_id=frame_id,
+        bucket=bucket if isinstance(bucket, str) and bucket else default_bucket,
+        s3_key=s3_key,
+        meta=meta if isinstance(meta, dict) else None,
+    )

@@ -2,8 +2,8 @@ import asyncio
 
 import pytest
 
-from inference_service.ordering import InFlight
-from inference_service.processing import Outcome
+from inference_service.domain import Outcome
+from inference_service.pipeline.ordering import InFlight
 
 
 def outcome(n: int) -> Outcome:

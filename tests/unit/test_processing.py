@@ -1,15 +1,16 @@
 import asyncio
 import json
 
-from inference_service.domain import BBox, Detection, FrameDetections, ImageSize, ModelInfo
+from inference_service.domain import BBox, Detection, FrameDetections, ImageSize, ModelInfo, Record
 from inference_service.errors import (
     FrameNotFoundError,
     StoreUnavailableError,
     UndecodableFrameError,
 )
-from inference_service.processing import Backoff, Record, TaskProcessor
+from inference_service.processing import Backoff, TaskProcessor
+from tests.conftest import CONF, IOU
 
-INFO = ModelInfo("best.pt", "0" * 64, (320, 320), 0.25, 0.45, "fake/fp32", ("disc",))
+INFO = ModelInfo("best.pt", "0" * 64, (320, 320), CONF, IOU, "fake/fp32", ("disc",))
 
 
 class FakeStore:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from inference_service.adapters.kafka import rewind_positions
+from inference_service.pipeline import rewind_positions
 
 P0 = ("inference_tasks", 0)
 P1 = ("inference_tasks", 1)

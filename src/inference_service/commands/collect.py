@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from inference_service.collecting import VideoCollector, describe
-from inference_service.settings import Settings, add_cli_flags, load_settings, overrides_from_args
+from inference_service.errors import TopicMissingError
+from inference_service.settings import (
+    Settings,
+    add_cli_flags,
+    env_name,
+    load_settings,
+    overrides_from_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +85,6 @@ def run(args: argparse.Namespace) -> int:
     line = f"{args.video_id}: {describe(document['summary'])}"
     print(line, file=sys.stderr if args.out is None else sys.stdout)
     return 0 if collector.complete() else 1
-
-
-class TopicMissingError(Exception):
-    """The results topic does not exist."""
 
 
 def read_results(
@@ -165,7 +168,7 @@ def _partitions(consumer: Any, topic: str, deadline: float) -> list[int]:
             return sorted(meta.partitions)
         if time.monotonic() >= deadline:
             raise TopicMissingError(
-                f"topic {topic!r} does not exist (INFERENCE_RESULTS_TOPIC); "
+                f"topic {topic!r} does not exist ({env_name('results_topic')}); "
                 "has the service published anything yet?"
             )
         time.sleep(0.5)

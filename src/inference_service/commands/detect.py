@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, cast
 
-from inference_service.domain import FrameDetections, ModelInfo, Result, ResultError
+from inference_service.domain import FrameDetections, ModelInfo, Result
 from inference_service.errors import FrameNotFoundError, TaskError, UndecodableFrameError
 from inference_service.pool import DetectorPool
 from inference_service.progress import Progress
+from inference_service.results import Identity, build_result, stage_timings
 from inference_service.settings import Settings, add_cli_flags, load_settings, overrides_from_args
 
 if TYPE_CHECKING:
@@ -194,28 +195,15 @@ def frame_result(
 ) -> Result:
     """The result record of one frame (``source`` added beside SPEC.md's fields)."""
     path = str(frame.source.path)
-    timings: dict[str, float] = {"fetch": frame.read_ms, "decode": 0.0, "inference": 0.0}
-    if found is not None:
-        timings.update(
-            decode=found.decode_ms,
-            preprocess=found.preprocess_ms,
-            inference=found.inference_ms,
-            postprocess=found.postprocess_ms,
-        )
-    timings["total"] = total_ms
     stem = frame.source.path.stem
-    return Result(
-        task_id=f"{stem}:{frame.index}",
-        video_id=stem,
-        frame_id=frame.index,
-        bucket="",
-        s3_key=path,
-        status="ok" if error is None else "error",
-        model=info,
-        image=found.image if found is not None else None,
-        detections=found.detections if found is not None else (),
-        timings_ms=timings,
-        error=ResultError(error.code, error.message) if error is not None else None,
+    identity = Identity(f"{stem}:{frame.index}", stem, frame.index, "", path)
+    timings = stage_timings(found, fetch_ms=frame.read_ms, total_ms=total_ms)
+    return build_result(
+        identity,
+        info,
+        timings,
+        found=found if error is None else None,
+        error=error,
         extra={"source": {"path": path, "frame_index": frame.index}},
     )
 

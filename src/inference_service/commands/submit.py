@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from inference_service.errors import CommandError
 from inference_service.progress import Progress
 from inference_service.settings import Settings, add_cli_flags, load_settings, overrides_from_args
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     frames = iter_frames(args.source, fps=args.fps, limit=args.limit)
     try:
         report = asyncio.run(submit(settings, args.video_id, frames))
-    except SubmitError as exc:
+    except CommandError as exc:
         print(f"inference-service submit: {exc}", file=sys.stderr)
         return 2
     print(report.summary(args.video_id, settings))
@@ -122,7 +123,7 @@ def _frames_of_video(path: Path, fps: float | None) -> Iterator[SourceFrame]:
     capture = cv2.VideoCapture(str(path))
     try:
         if not capture.isOpened():
-            raise SubmitError(f"{path}: not a readable video")
+            raise CommandError(f"{path}: not a readable video")
         native = capture.get(cv2.CAP_PROP_FPS) or 0.0
         step_ms = 1000.0 / fps if fps else 0.0
         next_ms = 0.0
@@ -149,12 +150,8 @@ def _encode(image: Any) -> bytes:
 
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
     if not ok:
-        raise SubmitError("JPEG encoding failed")
+        raise CommandError("JPEG encoding failed")
     return bytes(buf.tobytes())
-
-
-class SubmitError(Exception):
-    """The source cannot be read."""
 
 
 # --------------------------------------------------------------------------------------------

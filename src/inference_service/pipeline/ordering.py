@@ -2,7 +2,7 @@
 
 Frames of a partition are processed in parallel, but their outcomes leave only from the head of the
 partition's lane: a finished record waits for every earlier one of its partition. Pure asyncio
-bookkeeping, no Kafka: the Kafka adapter adds records as it consumes them and takes the finished
+bookkeeping, no Kafka: the pipeline adds records as it consumes them and takes the finished
 prefix of every lane when it publishes.
 """
 
@@ -12,10 +12,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass
 
-from inference_service.processing import Outcome
-
-Partition = tuple[str, int]
-"""(topic, partition)."""
+from inference_service.domain import Finished, Outcome, Partition
 
 
 @dataclass(slots=True)
@@ -25,15 +22,6 @@ class Slot:
     offset: int
     work: asyncio.Task[Outcome]
     nbytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """A record whose outcome is ready, at the head of its lane."""
-
-    partition: Partition
-    offset: int
-    outcome: Outcome
 
 
 class InFlight:
