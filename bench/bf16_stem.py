@@ -5,7 +5,7 @@ For each choice of layers kept in f32 (none, the stem convolution, …, ``model.
 * agreement: the test model (``models/test/best.pt``) in OpenVINO bf16 against ultralytics predict
   in fp32 on the conformance images (``tests/data/photos``, ``models/test/conformance``) plus
   ``--extra`` synthetic frames of six sizes, with SPEC.md's bf16 tolerance (the same comparison
-  as ``tests/model/test_conformance.py``);
+  as ``tests/model/test_conformance.py``, from ``inference_devtools.conformance``);
 * speed: yolov8n (built from its yaml, as in ``bench/detector_bench.py``) at 384x640 on one
   thread, milliseconds per inference on a ready tensor, medians of interleaved repeats.
 
@@ -30,12 +30,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "scripts")]
-
-import detector_bench as db  # noqa: E402
-
-from tests.model import test_conformance as tc  # noqa: E402
+from inference_devtools import bench as db
+from inference_devtools import conformance as tc
+from inference_devtools import synthetic
 
 CHOICES = {
     "none": None,
@@ -48,7 +45,6 @@ SIZES = [(1280, 720), (1920, 1080), (720, 1280), (640, 480), (500, 500), (1000, 
 
 def render_extra(folder: Path, count: int) -> list[Path]:
     import cv2
-    import synthetic
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(12345)
@@ -65,14 +61,14 @@ def render_extra(folder: Path, count: int) -> list[Path]:
 
 def _reference(paths: list[str], imgsz: tuple[int, int], names: tuple[str, ...]) -> list[Any]:
     """In a helper process: ultralytics predict in fp32 on every image."""
-    os.environ.update(db._ultralytics_env())
+    os.environ.update(db.ultralytics_env())
     from ultralytics import YOLO
 
     yolo = YOLO(str(tc.TEST_MODEL))
     out = []
     for path in paths:
         result = yolo.predict(path, imgsz=imgsz, conf=tc.CONF, iou=tc.IOU, verbose=False)[0]
-        out.append(tc._from_ultralytics(result, names))
+        out.append(tc.from_ultralytics(result, names))
     return out
 
 
@@ -127,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     settings = Settings(model=tc.TEST_MODEL, cache_dir=db.OUT / "cache", conf=tc.CONF, iou=tc.IOU)
     resolved = resolve_model(settings)
-    images = render_extra(db.OUT / "bf16-frames", args.extra) + tc._images()
+    images = render_extra(db.OUT / "bf16-frames", args.extra) + tc.images()
     db.log_line(f"{len(images)} images; reference (ultralytics predict, fp32) ...")
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:

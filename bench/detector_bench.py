@@ -7,7 +7,7 @@ Usage::
 
 Writes ``bench/results/detector.md`` and ``detector.json`` (``--sweep``: ``sweep.md``/``.json``,
 the processes × threads grid behind ``plan_workers``). Every configuration sees the same 1280x720
-JPEG frames (rendered with ``scripts/synthetic.py``) through a closed-loop client that keeps the
+JPEG frames (rendered with ``inference_devtools.synthetic``) through a closed-loop client that keeps the
 design's in-flight capacity busy, so latencies are service times plus the queueing that capacity
 implies, not the time a frame waits behind all others.
 
@@ -27,57 +27,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import datetime as dt
 import functools
 import json
 import multiprocessing
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
-RESULTS = ROOT / "bench" / "results"
-TEST_MODEL = ROOT / "models" / "test" / "best.pt"
-WIDTH, HEIGHT = 1280, 720
+from inference_devtools import reference_design
+from inference_devtools.bench import (
+    OUT,
+    RESULTS,
+    ModelCase,
+    log_line,
+    machine_facts,
+    prepare_models,
+    render_frames,
+    ultralytics_env,
+)
+from inference_devtools.paths import REPO_ROOT
+
 BF16_PEAK_NOTES = 817.0
 """Sustained bf16 GEMM on 2 cores (GFLOP/s), from shared/notes/cpu-inference.md."""
-
-
-# --------------------------------------------------------------------------------------------
-# Facts, frames, models
-
-
-def machine_facts() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni")
-    return {
-        "cpu": model,
-        "cpus_available": len(os.sched_getaffinity(0)),
-        "cpu_flags": [f for f in wanted if f" {f}" in flags],
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-    }
 
 
 def gemm_gflops(n: int, repeats: int) -> float:
@@ -92,92 +71,6 @@ def gemm_gflops(n: int, repeats: int) -> float:
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
-
-
-def render_frames(count: int) -> list[bytes]:
-    """``count`` 1280x720 JPEG frames (cached in bench/out/frames)."""
-    import cv2
-
-    folder = OUT / "frames"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"frame_{i:03d}.jpg" for i in range(count)]
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        render = _scene_renderer()
-        rng = np.random.default_rng(1234)
-        for path in paths:
-            image = render(rng)
-            if not path.exists():
-                cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return [p.read_bytes() for p in paths]
-
-
-def _scene_renderer() -> Callable[[np.random.Generator], Any]:
-    """The repository's synthetic scenes (``scripts/synthetic.py``) at 1280x720."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import synthetic
-
-    return lambda rng: synthetic.render_scene(rng, WIDTH, HEIGHT)[0]
-
-
-@dataclass(frozen=True)
-class ModelCase:
-    name: str
-    path: Path
-    gflops: float
-    """Per frame at the network input the reference uses for a 1280x720 frame."""
-    input_hw: tuple[int, int]
-
-
-def _ultralytics_env() -> dict[str, str]:
-    return {
-        "YOLO_OFFLINE": "1",
-        "YOLO_AUTOINSTALL": "False",
-        "YOLO_VERBOSE": "False",
-        "YOLO_CONFIG_DIR": str(OUT / "yolo-config"),
-    }
-
-
-def _prepare_model(source: str, target: str) -> tuple[float, tuple[int, int]]:
-    """In a helper process: build ``target`` from a yaml (if ``source`` is one), count its FLOPs."""
-    os.environ.update(_ultralytics_env())
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-    from ultralytics.models import YOLO
-
-    if source.endswith(".yaml") and not Path(target).exists():
-        YOLO(source).save(target)
-    model = YOLO(target)
-    imgsz = int(model.overrides.get("imgsz", 640) or 640)
-    scale = min(imgsz / WIDTH, imgsz / HEIGHT)
-    h = (round(HEIGHT * scale) + 31) // 32 * 32
-    w = (round(WIDTH * scale) + 31) // 32 * 32
-    net = model.model.float().eval()  # type: ignore[union-attr]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(torch.zeros(1, 3, h, w))
-    return counter.get_total_flops() / 1e9, (h, w)
-
-
-def prepare_models(names: list[str]) -> list[ModelCase]:
-    OUT.mkdir(parents=True, exist_ok=True)
-    jobs: list[tuple[str, str, Path]] = []
-    for name in names:
-        if name == "test":
-            if TEST_MODEL.exists():
-                jobs.append((name, str(TEST_MODEL), TEST_MODEL))
-            else:
-                log_line(f"skip test model: {TEST_MODEL} not found")
-        else:
-            target = OUT / f"{name}.pt"
-            jobs.append((name, f"{name}.yaml", target))
-    ctx = multiprocessing.get_context("spawn")
-    cases = []
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
-        for name, source, target in jobs:
-            gflops, hw = ex.submit(_prepare_model, source, str(target)).result()
-            cases.append(ModelCase(name, target, gflops, hw))
-            log_line(f"model {name}: {target} — {gflops:.2f} GFLOPs at {hw[0]}x{hw[1]}")
-    return cases
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,56 +102,16 @@ def _summarise(m: Measurement, walls: list[float], latencies: list[float], frame
     m.p95_ms = float(np.percentile(lat, 95))
 
 
-_REF_MODEL: Any = None
-
-
-def _reference_init(path: str) -> None:
-    global _REF_MODEL
-    os.environ.update(_ultralytics_env())
-    from ultralytics.models import YOLO
-
-    _REF_MODEL = YOLO(path)
-    _reference_frame(_encoded_gray())  # warm-up: first predict builds the predictor
-
-
-def _encoded_gray() -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(".jpg", np.full((HEIGHT, WIDTH, 3), 114, np.uint8))
-    return bytes(buf) if ok else b""
-
-
-def _reference_frame(data: bytes) -> list[dict[str, Any]]:
-    """The original design's per-frame work: decode, predict, results to plain data."""
-    import cv2
-
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    result = _REF_MODEL.predict(image, conf=0.25, iou=0.45, verbose=False)[0]
-    boxes = result.boxes
-    return [
-        {"class_id": int(c), "confidence": float(p), "bbox": [float(v) for v in xyxy]}
-        for c, p, xyxy in zip(
-            boxes.cls.tolist(), boxes.conf.tolist(), boxes.xyxy.tolist(), strict=True
-        )
-    ]
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return int(torch.get_num_threads())
-
-
 def run_reference(case: ModelCase, frames: list[bytes], repeats: int) -> Measurement:
     workers, in_flight = 2, 4
     m = Measurement(case.name, "reference", "ultralytics/torch", "fp32", workers, 1, in_flight)
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_reference_init, initargs=(str(case.path),)
+        workers, mp_context=ctx, initializer=reference_design.init, initargs=(str(case.path),)
     ) as ex:
         # Start and warm both workers before timing.
-        list(ex.map(_reference_frame, frames[:workers]))
-        m.threads = ex.submit(_torch_threads).result()
+        list(ex.map(reference_design.detect, frames[:workers]))
+        m.threads = ex.submit(reference_design.torch_threads).result()
         walls, latencies = [], []
         for _ in range(repeats):
             wall, lat = _closed_loop_sync(ex, frames, in_flight)
@@ -279,7 +132,7 @@ def _closed_loop_sync(
     def submit_next() -> None:
         data = next(it, None)
         if data is not None:
-            started[ex.submit(_reference_frame, data)] = time.perf_counter()
+            started[ex.submit(reference_design.detect, data)] = time.perf_counter()
 
     for _ in range(concurrency):
         submit_next()
@@ -429,10 +282,6 @@ def run_detect_command(
 # Report
 
 
-def log_line(text: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
 def _row(m: Measurement, case: ModelCase, ref_fps: float, gemm: float) -> str:
     if m.error:
         return (
@@ -483,7 +332,7 @@ def write_report(
     ]
     for case in cases:
         lines.append(
-            f"- {case.name}: `{case.path.relative_to(ROOT)}`, {case.gflops:.2f} GFLOPs/frame "
+            f"- {case.name}: `{case.path.relative_to(REPO_ROOT)}`, {case.gflops:.2f} GFLOPs/frame "
             f"at {case.input_hw[0]}x{case.input_hw[1]}; fp32 compute limit "
             f"{gemm / case.gflops:.0f} frames/s"
         )
@@ -589,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=None, help="comma-separated: test,yolov8n,yolov8s")
     parser.add_argument("--report", default=None, help="report name (default: detector / sweep)")
     args = parser.parse_args(argv)
-    os.environ.update(_ultralytics_env())  # for every helper process spawned from here
+    os.environ.update(ultralytics_env())  # for every helper process spawned from here
     frames_n = args.frames or (24 if args.quick else 64)
     repeats = args.repeats or (2 if args.quick else 3)
     facts = machine_facts()

@@ -37,11 +37,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference_devtools import bench as db
+from inference_devtools import reference_design
+from inference_devtools.paths import REPO_ROOT as ROOT
 
-import detector_bench as db
-
-ROOT = db.ROOT
 RESULTS = db.RESULTS
 
 
@@ -280,7 +279,7 @@ class _MetricSampler:
 
 
 def _reference_detect(data: bytes) -> int:
-    return len(db._reference_frame(data))
+    return len(reference_design.detect(data))
 
 
 async def _reference_loop(model: Path, tasks_topic: str, results_topic: str, bootstrap: str,
@@ -300,9 +299,11 @@ async def _reference_loop(model: Path, tasks_topic: str, results_topic: str, boo
     limit = asyncio.Semaphore(8)
     done = 0
     with concurrent.futures.ProcessPoolExecutor(
-        2, mp_context=ctx, initializer=db._reference_init, initargs=(str(model),)
+        2, mp_context=ctx, initializer=reference_design.init, initargs=(str(model),)
     ) as ex:
-        await asyncio.gather(*(loop.run_in_executor(ex, db._torch_threads) for _ in range(2)))
+        await asyncio.gather(
+            *(loop.run_in_executor(ex, reference_design.torch_threads) for _ in range(2))
+        )
 
         async def handle(value: bytes) -> None:
             nonlocal done

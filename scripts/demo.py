@@ -30,13 +30,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from inference_service.report import write_html
+from inference_devtools.paths import TEST_MODEL
+from inference_service.commands.report import write_html
 from inference_service.settings import Settings, load_settings
 
 log = logging.getLogger("demo")
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "models" / "test" / "best.pt"
 TOPIC_PARTITIONS = 3
 READY_TIMEOUT_S = 900.0  # the first run converts the .pt checkpoint (torch export: minutes)
 
@@ -139,7 +139,7 @@ def ensure_topics(settings: Settings) -> None:
 def start_service(out: Path, port: int) -> tuple[subprocess.Popen[bytes], Path]:
     env = dict(os.environ)
     env.update(
-        INFERENCE_MODEL=str(MODEL),
+        INFERENCE_MODEL=str(TEST_MODEL),
         INFERENCE_HTTP_PORT=str(port),
         INFERENCE_HTTP_HOST="127.0.0.1",
         YOLO_OFFLINE="1",
@@ -192,7 +192,8 @@ def render_video(
     """``frames`` frames of moving test-model shapes, written as MPEG-4 Part 2 (``mp4v``)."""
     import cv2
     import numpy as np
-    import synthetic  # scripts/ is on sys.path when this script runs
+
+    from inference_devtools import synthetic
 
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (width, height))
     if not writer.isOpened():

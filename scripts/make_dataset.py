@@ -14,8 +14,8 @@ Layout under ``--out`` (gitignored): ``images/{train,val,test}/*.jpg``, ``labels
 *.txt`` (one ``class cx cy w h`` line per box, normalised), and ``data.yaml``. Each split draws from
 its own child of ``numpy.random.SeedSequence(seed)``, so one seed reproduces every file. Frame sizes
 cycle through 640x360, 480x480, 360x640 and 800x450; each image is saved as JPEG at a quality drawn
-from 60-95; about 5 % of the images have no objects (background only). See `synthetic.py` for
-what a scene contains and how boxes are defined.
+from 60-95; about 5 % of the images have no objects (background only). See
+`inference_devtools.synthetic` for what a scene contains and how boxes are defined.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import importlib.util
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import CLASS_NAMES, Box, paste_objects, render_scene
+from inference_devtools.synthetic import CLASS_NAMES, Box, paste_objects, render_scene
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +83,7 @@ def write_data_yaml(out: Path) -> Path:
 def write_recipe(out: Path, seed: int, counts: dict[str, int]) -> None:
     """`recipe.json`: what made this data set, read by train_test_model.py for the model card."""
     recipe = {
-        "generator": "scripts/make_dataset.py + scripts/synthetic.py",
+        "generator": "scripts/make_dataset.py + devtools/src/inference_devtools/synthetic.py",
         "seed": seed,
         "counts": counts,
         "sizes": [f"{w}x{h}" for w, h in SIZES],
@@ -349,9 +347,9 @@ def write_photos(out: Path, seed: int) -> None:
         "installed Python packages ship, downscaled (INTER_AREA) to at most "
         f"{PHOTO_MAX_SIDE} px on the long side and saved as JPEG quality {PHOTO_QUALITY}. "
         "Files named `*_shapes.jpg` have synthetic shapes of the test model's classes "
-        "(disc, square, triangle, star) pasted on by `scripts/synthetic.py` (`paste_objects`); "
-        "their boxes are in `labels.json`. Grey-scale sources stay single-channel JPEGs "
-        "unless shapes were pasted on.\n\n"
+        "(disc, square, triangle, star) pasted on by `inference_devtools.synthetic` "
+        "(`paste_objects`); their boxes are in `labels.json`. Grey-scale sources stay "
+        "single-channel JPEGs unless shapes were pasted on.\n\n"
         "| file | size | origin (distribution, path in package) | licence | content |\n"
         "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )

@@ -4,8 +4,9 @@
 
 Steps: train with ultralytics under a wall-time budget (ultralytics' ``time`` argument: it measures
 the first epochs and then fixes the epoch count, and the learning-rate schedule, to fit the budget),
-copy ``best.pt`` to ``--out`` (``models/test/best.pt``), evaluate it on the held-out ``test`` split
-twice (standard ultralytics val: conf 0.001, iou 0.7; and at the service's conf 0.25, iou 0.45),
+copy ``best.pt`` to ``--out`` (default: beside :data:`TEST_MODEL`), evaluate it on the held-out
+``test`` split twice (standard ultralytics val: conf 0.001, iou 0.7; and at the service's default
+conf and iou, from its settings),
 write ``metrics.json`` and ``MODEL_CARD.md`` beside it. ``--eval-only RUN_DIR`` skips training and
 re-does the last three steps from an existing run.
 
@@ -32,11 +33,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from inference_devtools.paths import REPO_ROOT as REPO
+from inference_devtools.paths import TEST_MODEL
+from inference_service.settings import default_of
+
 log = logging.getLogger(__name__)
 
-REPO: Final[Path] = Path(__file__).resolve().parent.parent
-SERVICE_CONF: Final[float] = 0.25
-SERVICE_IOU: Final[float] = 0.45
+SERVICE_CONF: Final[float] = default_of("conf")
+SERVICE_IOU: Final[float] = default_of("iou")
 GOAL_MAP50: Final[float] = 0.9
 
 
@@ -198,6 +202,7 @@ def write_card(out: Path, info: dict[str, Any]) -> Path:
         for r in info.get("curve", [])
     )
     goal = "met" if std["map50"] >= GOAL_MAP50 else "not met"
+    model_file = _shown(out / TEST_MODEL.name)
     pts = info.get("curve", [])
     cut = ""
     if len(pts) >= 3:  # ultralytics stops mid-epoch when the time budget runs out
@@ -209,13 +214,13 @@ def write_card(out: Path, info: dict[str, Any]) -> Path:
 
 Made here, no downloaded weights: YOLOv8n built from ultralytics' `yolov8n.yaml` with random
 initial weights (`pretrained=False`) and trained on this machine's CPU on a synthetic data set
-rendered by `scripts/synthetic.py`. It exists so that the service, its conformance tests and
-its demos have a real model whose detections can be checked; it knows nothing of real-world
-classes.
+rendered by `inference_devtools.synthetic`. It exists so that the service, its conformance
+tests and its demos have a real model whose detections can be checked; it knows nothing of
+real-world classes.
 
 | | |
 |---|---|
-| file | `models/test/best.pt` ({info["size_bytes"] / 1e6:.1f} MB, sha256 `{info["sha256"]}`) |
+| file | `{model_file}` ({info["size_bytes"] / 1e6:.1f} MB, sha256 `{info["sha256"]}`) |
 | architecture | YOLOv8n (`yolov8n.yaml`), {recipe.get("nc", len(recipe["classes"]))} classes |
 | classes | {classes} |
 | input size | imgsz {info["imgsz"]} (stored in the checkpoint; ultralytics predicts at it) |
@@ -265,8 +270,9 @@ mAP50 by class:
 |---|---|---|
 {per_class}
 
-mAP at conf 0.25 is computed from the detections that pass the threshold only, so it is lower
-than the standard figure by construction; both are given because the service runs at 0.25.
+mAP at conf {svc["conf"]:g} is computed from the detections that pass the threshold only, so it is
+lower than the standard figure by construction; both are given because the service runs at
+{svc["conf"]:g}.
 
 Goal of mAP50 >= {GOAL_MAP50:g} on the held-out split (standard val): **{goal}**.
 
@@ -279,13 +285,22 @@ Goal of mAP50 >= {GOAL_MAP50:g} on the held-out split (standard val): **{goal}**
 ## Limits
 
 - It has only ever seen synthetic backgrounds. On real photos it finds the pasted shapes but
-  also fires on real-world structure (windows, faces, textures) at conf 0.25: use it to check
-  that the service reproduces the reference's detections, not for accuracy on real images.
+  also fires on real-world structure (windows, faces, textures) at conf {svc["conf"]:g}: use it
+  to check that the service reproduces the reference's detections, not for accuracy on real
+  images.
 - Objects much smaller than about 8 px after the letterbox to {info["imgsz"]} px are missed.
 """
     path = out / "MODEL_CARD.md"
     path.write_text(text)
     return path
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (as the model card names files)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def count_downloads(log_path: Path | None) -> str:
@@ -311,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--close-mosaic", type=int, default=2, help="last epochs without mosaic")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "test_model")
-    parser.add_argument("--out", type=Path, default=REPO / "models" / "test")
+    parser.add_argument("--out", type=Path, default=TEST_MODEL.parent)
     parser.add_argument("--log", type=Path, default=None, help="training log to scan for downloads")
     parser.add_argument(
         "--init", type=Path, default=None, help="continue from this checkpoint (made here)"
@@ -363,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    best = out / "best.pt"
+    best = out / TEST_MODEL.name
     shutil.copyfile(run_dir / "weights" / "best.pt", best)
     standard = evaluate(best, args.data, info["imgsz"], None, 0.7)
     service = evaluate(best, args.data, info["imgsz"], SERVICE_CONF, SERVICE_IOU)

@@ -16,6 +16,11 @@ Fixtures (add new ones under the matching heading):
 - ``s3_client`` (session) -> a boto3 S3 client on the stack, path-style addressing.
 - ``s3_bucket`` (function) -> ``(prefix: str = "test") -> str``: creates a uniquely named bucket,
   empties and deletes it afterwards.
+
+Constants (``from tests.conftest import ...``): ``TEST_MODEL``, the test model's path (its home is
+``inference_devtools.paths``; ``scripts/train_test_model.py`` makes it); ``CONF``, ``IOU`` and
+``MAX_DETECTIONS``, the service's defaults (from its settings), for tests that stand in for the
+service.
 """
 
 from __future__ import annotations
@@ -31,9 +36,17 @@ from typing import Any
 
 import pytest
 
+from inference_devtools import paths
+from inference_service.settings import default_of
+
 ROOT = Path(__file__).resolve().parent.parent
 STACK = ROOT / "scripts" / "stack"
 STACK_UP_TIMEOUT_S = 600  # the first run fetches the Kafka jars with Maven
+
+TEST_MODEL: Path = paths.TEST_MODEL
+CONF: float = default_of("conf")
+IOU: float = default_of("iou")
+MAX_DETECTIONS: int = default_of("max_detections")
 
 
 def parse_exports(text: str) -> dict[str, str]:

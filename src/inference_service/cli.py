@@ -1,4 +1,7 @@
-"""The ``inference-service`` command line: one subcommand per module under ``commands``.
+"""The ``inference-service`` command line: one subcommand per entry of :data:`COMMANDS`.
+
+Each subcommand is a module under ``commands``; the other modules there are helpers that only the
+commands use (``collecting``, ``report``, ``progress``).
 
 Subcommand modules are imported only when chosen, so ``--help`` stays fast and a missing optional
 dependency fails with a message naming the extra to install.
@@ -22,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "settings": ("inference_service.commands.settings_cmd", "print every setting and default"),
     "submit": ("inference_service.commands.submit", "split a video or folder into frame tasks"),
     "collect": ("inference_service.commands.collect", "gather and check one video's results"),
+    "replay-dlq": ("inference_service.commands.replay_dlq", "copy dead letters back to a topic"),
 }
 
 

@@ -17,8 +17,9 @@ from inference_service.domain import BBox, Detection, FrameDetections, ImageSize
 from inference_service.errors import InferenceFailedError, UndecodableFrameError
 from inference_service.model.resolve import ResolvedModel
 from inference_service.runtime import InferenceBackend, ModelFiles, open_backend
-from inference_service.settings import Settings
+from inference_service.settings import Settings, default_of
 from inference_service.vision import (
+    PAD_VALUE,
     ImageBGR,
     RawDetections,
     decode_image,
@@ -43,9 +44,9 @@ class YoloDetector:
         *,
         conf: float,
         iou: float,
-        max_detections: int = 300,
-        max_frame_bytes: int = 32 * 1024 * 1024,
-        max_frame_pixels: int = 50_000_000,
+        max_detections: int = default_of("max_detections"),
+        max_frame_bytes: int = default_of("max_frame_bytes"),
+        max_frame_pixels: int = default_of("max_frame_pixels"),
     ) -> None:
         self._backend = backend
         self._model = model
@@ -138,7 +139,7 @@ class YoloDetector:
 
     def warmup(self, frame_hw: Sequence[int] = WARMUP_FRAME_HW) -> None:
         """Run the whole path once on a grey frame (compiles the backend for that input shape)."""
-        frame = np.full((int(frame_hw[0]), int(frame_hw[1]), 3), 114, dtype=np.uint8)
+        frame = np.full((int(frame_hw[0]), int(frame_hw[1]), 3), PAD_VALUE, dtype=np.uint8)
         start = time.perf_counter()
         self.detect_array(frame)
         self.warmed_up = True

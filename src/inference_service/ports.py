@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from inference_service.domain import Finished, FrameDetections, ModelInfo, Partition, Record
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 
 class FrameStore(Protocol):
@@ -26,15 +30,36 @@ class FrameStore(Protocol):
 
 
 class FrameDetector(Protocol):
-    """Synchronous detection of one encoded frame (runs inside a worker process)."""
+    """Synchronous detection of one frame (runs inside a worker process).
+
+    Everything a pool worker calls on its detector: it warms the detector up once (unless
+    :attr:`warmed_up` says that was done while loading), then calls :meth:`detect` for encoded
+    frames and :meth:`detect_array` for decoded ones, from several threads at once.
+    """
 
     @property
     def info(self) -> ModelInfo: ...
+
+    @property
+    def warmed_up(self) -> bool:
+        """True once :meth:`warmup` has run (a worker then does not warm it up again)."""
+        ...
+
+    def warmup(self) -> None:
+        """Run the whole detection path once, so that the first real frame is not slow."""
+        ...
 
     def detect(self, data: bytes) -> FrameDetections:
         """Decode, run the model, post-process.
 
         Raises ``UndecodableFrameError``, ``FrameTooLargeError`` or ``InferenceFailedError``.
+        """
+        ...
+
+    def detect_array(self, image: npt.NDArray[np.uint8]) -> FrameDetections:
+        """As :meth:`detect`, for a decoded ``H×W×3`` BGR ``uint8`` frame (e.g. a video frame).
+
+        Raises ``UndecodableFrameError`` for another shape or dtype, or ``InferenceFailedError``.
         """
         ...
 

@@ -207,8 +207,17 @@ class Settings(BaseSettings):
 
 
 def env_name(field_name: str) -> str:
-    """The environment variable of a setting."""
+    """The environment variable of a setting (``startup_timeout_s`` ->
+    ``INFERENCE_STARTUP_TIMEOUT_S``): messages name a setting through this, never by hand."""
+    if field_name not in Settings.model_fields:
+        raise KeyError(f"no setting {field_name!r}")
     return ENV_PREFIX + field_name.upper()
+
+
+def default_of(field_name: str) -> Any:
+    """A setting's default: for code that takes the value as a parameter but is also called
+    without settings (tests, benchmarks), so that the default is still written only here."""
+    return Settings.model_fields[field_name].default
 
 
 def flag_name(field_name: str) -> str:

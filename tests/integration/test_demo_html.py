@@ -1,4 +1,4 @@
-"""The demo's page (``inference_service.report``) rendered by a real browser: headless Chromium."""
+"""The demo's page (``inference_service.commands.report``) rendered by a real browser: headless Chromium."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from inference_service.collecting import collect
-from inference_service.report import write_html
+from inference_service.commands.collecting import collect
+from inference_service.commands.report import write_html
 from tests.integration.harness import render_jpegs
 
 pytestmark = pytest.mark.slow

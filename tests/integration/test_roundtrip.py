@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import CONF, IOU
 from tests.integration.harness import ROOT, Pipeline, render_jpegs, validate_result
 
 CLI_TIMEOUT_S = 180
@@ -73,8 +74,8 @@ def staged_result(video: str, frame: int) -> bytes:
         "image": {"width": 64, "height": 48},
         "detections": [{"class_id": 1, "class_name": "square", "confidence": 0.8,
                         "bbox": {"x1": 1.0, "y1": 2.0, "x2": 30.0, "y2": 40.0}}],
-        "model": {"name": "best.pt", "sha256": "0" * 64, "imgsz": [320, 320], "conf": 0.25,
-                  "iou": 0.45, "runtime": "openvino/fp32"},
+        "model": {"name": "best.pt", "sha256": "0" * 64, "imgsz": [320, 320], "conf": CONF,
+                  "iou": IOU, "runtime": "openvino/fp32"},
         "timings_ms": {"fetch": 1.0, "decode": 1.0, "inference": 5.0, "total": 10.0 + frame},
     }).encode()  # fmt: skip
 
@@ -136,11 +137,9 @@ def test_replay_dlq_copies_selected_dead_letters_once(
         ])  # fmt: skip
     assert producer.flush(30) == 0
     env = {**os.environ, **stack_env, "INFERENCE_DLQ_TOPIC": dlq, "INFERENCE_TASKS_TOPIC": tasks}
-    script = [sys.executable, str(ROOT / "scripts" / "replay_dlq.py"), "--group", f"g-{dlq}"]
 
     def replay(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*script, *args], env=env, capture_output=True, text=True,
-                              timeout=120, check=False)  # fmt: skip
+        return cli(env, "replay-dlq", "--group", f"g-{dlq}", *args, timeout=120)
 
     dry = replay("--dry-run", "--code", "frame_not_found")
     assert dry.returncode == 0 and "dry run: 2 would be replayed" in dry.stdout, dry.stderr

@@ -1,8 +1,6 @@
 """Detections agree with the reference (ultralytics predict, same .pt), per runtime and precision.
 
-SPEC.md, Results: fp32 — same count and classes, boxes within 1 px or IoU >= 0.99, confidence within
-0.01; bf16 — same count and classes except detections whose reference confidence lies within 0.02
-of the threshold, IoU >= 0.95, confidence within 0.02.
+SPEC.md's tolerances (fp32 and bf16) are applied by ``inference_devtools.conformance.compare``.
 
 The test model is ``models/test/best.pt`` (YOLOv8n, imgsz 320); the images are every JPEG in
 ``tests/data/photos/`` and ``models/test/conformance/``. Our detector reads the JPEG bytes (the
@@ -18,15 +16,26 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from inference_devtools.conformance import (
+    CONF,
+    IMAGE_DIRS,
+    IOU,
+    TEST_MODEL,
+    Agreement,
+    compare,
+    from_ultralytics,
+    images,
+    ultralytics_env,
+)
+from inference_devtools.paths import REPO_ROOT as ROOT
 from inference_service.detector import YoloDetector, load_detector
 from inference_service.domain import Detection, FrameDetections
 from inference_service.model import ResolvedModel, resolve_model
@@ -34,12 +43,6 @@ from inference_service.settings import Settings
 
 pytestmark = [pytest.mark.model, pytest.mark.reference, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-TEST_MODEL = Path(os.environ.get("CONFORMANCE_MODEL", ROOT / "models" / "test" / "best.pt"))
-"""The checked model; ``CONFORMANCE_MODEL`` checks another .pt against the reference."""
-IMAGE_DIRS = (ROOT / "tests" / "data" / "photos", ROOT / "models" / "test" / "conformance")
-CONF = 0.25
-IOU = 0.45
 CONFIGS = ("openvino/fp32", "onnxruntime/fp32", "ncnn/fp32", "openvino/bf16")
 
 _SOCKET_BLOCKER = """
@@ -60,17 +63,6 @@ socket.socket.connect_ex = lambda self, address: _record("connect_ex", address)
 socket.getaddrinfo = lambda *a, **k: _record("getaddrinfo", *a)
 socket.create_connection = lambda *a, **k: _record("create_connection", *a)
 """
-
-
-def _ultralytics_env(config_dir: Path) -> None:
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
-    os.environ.setdefault("YOLO_VERBOSE", "False")
-
-
-def _images() -> list[Path]:
-    return sorted(p for d in IMAGE_DIRS if d.is_dir() for p in d.glob("*.jpg"))
 
 
 @dataclass
@@ -105,7 +97,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exported]:
     finally:
         mp.undo()
     lines = attempts.read_text().splitlines() if attempts.exists() else []
-    _ultralytics_env(tmp / "ultralytics")
+    ultralytics_env(tmp / "ultralytics")
     loaded = Path(f"{attempts}.loaded").exists()
     yield Exported(resolved, settings, lines, loaded)
 
@@ -122,7 +114,7 @@ def reference(exported: Exported) -> dict[Path, list[Detection]]:
     """ultralytics predict on every image (reads each file with cv2.imread)."""
     yolo: Any = importlib.import_module("ultralytics").YOLO(str(TEST_MODEL))
     out: dict[Path, list[Detection]] = {}
-    for path in _images():
+    for path in images():
         result = yolo.predict(
             str(path),
             imgsz=list(exported.resolved.imgsz),
@@ -132,21 +124,8 @@ def reference(exported: Exported) -> dict[Path, list[Detection]]:
             verbose=False,
             save=False,
         )[0]
-        out[path] = _from_ultralytics(result, exported.resolved.names)
+        out[path] = from_ultralytics(result, exported.resolved.names)
     return out
-
-
-def _from_ultralytics(result: Any, names: tuple[str, ...]) -> list[Detection]:
-    from inference_service.domain import BBox
-
-    boxes = result.boxes
-    xyxy = boxes.xyxy.cpu().numpy().tolist()
-    conf = boxes.conf.cpu().numpy().tolist()
-    cls = boxes.cls.cpu().numpy().astype(int).tolist()
-    return [
-        Detection(class_id=c, class_name=names[c], confidence=s, bbox=BBox(*b))
-        for b, s, c in zip(xyxy, conf, cls, strict=True)
-    ]
 
 
 def _cpu_has_bf16() -> bool:
@@ -175,99 +154,16 @@ def detectors(exported: Exported) -> Iterator[dict[str, YoloDetector]]:
         detector.close()
 
 
-def _iou(a: Detection, b: Detection) -> float:
-    ax1, ay1, ax2, ay2 = a.bbox.x1, a.bbox.y1, a.bbox.x2, a.bbox.y2
-    bx1, by1, bx2, by2 = b.bbox.x1, b.bbox.y1, b.bbox.x2, b.bbox.y2
-    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
-    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
-    return inter / union if union > 0 else 1.0
-
-
-def _box_dev(a: Detection, b: Detection) -> float:
-    return max(
-        abs(a.bbox.x1 - b.bbox.x1),
-        abs(a.bbox.y1 - b.bbox.y1),
-        abs(a.bbox.x2 - b.bbox.x2),
-        abs(a.bbox.y2 - b.bbox.y2),
-    )
-
-
-@dataclass
-class Agreement:
-    """How one detector's output compares with the reference's, over many images."""
-
-    images: int = 0
-    detections: int = 0
-    max_box_dev: float = 0.0
-    min_iou: float = 1.0
-    max_dconf: float = 0.0
-    near_threshold_differences: int = 0
-    failures: list[str] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "images": self.images,
-            "detections": self.detections,
-            "max_box_dev_px": round(self.max_box_dev, 4),
-            "min_iou": round(self.min_iou, 5),
-            "max_dconf": round(self.max_dconf, 5),
-            "near_threshold_differences": self.near_threshold_differences,
-        }
-
-
-def compare(
-    ours: list[Detection],
-    ref: list[Detection],
-    agreement: Agreement,
-    *,
-    strict: bool,
-    conf: float,
-    where: str,
-) -> None:
-    """Match each reference detection to ours (same class, best IoU) and check the tolerances."""
-    iou_min, dconf_max, margin = (0.99, 0.01, 0.0) if strict else (0.95, 0.02, 0.02)
-    agreement.images += 1
-    unmatched = list(ours)
-    for r in ref:
-        same = [d for d in unmatched if d.class_id == r.class_id]
-        best = max(same, key=lambda d: _iou(d, r), default=None)
-        if best is None or _iou(best, r) < 0.5:
-            if not strict and r.confidence - conf <= margin:
-                agreement.near_threshold_differences += 1
-                continue
-            agreement.failures.append(f"{where}: reference {r} not found")
-            continue
-        unmatched.remove(best)
-        agreement.detections += 1
-        iou, dev, dconf = _iou(best, r), _box_dev(best, r), abs(best.confidence - r.confidence)
-        agreement.max_box_dev = max(agreement.max_box_dev, dev)
-        agreement.min_iou = min(agreement.min_iou, iou)
-        agreement.max_dconf = max(agreement.max_dconf, dconf)
-        box_ok = iou >= iou_min or (strict and dev <= 1.0)
-        if not box_ok or dconf > dconf_max:
-            agreement.failures.append(
-                f"{where}: {best} vs reference {r}: IoU {iou:.4f}, {dev:.2f} px, Δconf {dconf:.4f}"
-            )
-    for d in unmatched:
-        if not strict and d.confidence - conf <= margin:
-            agreement.near_threshold_differences += 1
-            continue
-        agreement.failures.append(f"{where}: extra detection {d}")
-    scores = [d.confidence for d in ours]
-    if scores != sorted(scores, reverse=True):
-        agreement.failures.append(f"{where}: detections not ordered by confidence")
-
-
 def _agreement(
     config: str, detector: YoloDetector, reference: dict[Path, list[Detection]]
 ) -> tuple[Agreement, int]:
-    images = list(reference)
-    if not images:
+    checked = list(reference)
+    if not checked:
         pytest.skip(f"no images in {', '.join(str(d.relative_to(ROOT)) for d in IMAGE_DIRS)}")
     assert detector.info.runtime == config
     agreement = Agreement()
     total_ref = 0
-    for path in images:
+    for path in checked:
         result: FrameDetections = detector.detect(path.read_bytes())
         total_ref += len(reference[path])
         compare(
@@ -354,7 +250,7 @@ def test_postprocess_matches_reference_nms_on_synthetic_heads(seed: int, tmp_pat
     decision, the 300 cap, the per-class offset and the rescale must agree.
     """
     pytest.importorskip("ultralytics", reason="the reference needs the export extra")
-    _ultralytics_env(tmp_path / "ultralytics")
+    ultralytics_env(tmp_path / "ultralytics")
     import torch
     from ultralytics.utils import nms as ref_nms
     from ultralytics.utils import ops

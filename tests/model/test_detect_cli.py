@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 
 from inference_service.schemas import load as load_schema
+from tests.conftest import CONF, TEST_MODEL
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-TEST_MODEL = ROOT / "models" / "test" / "best.pt"
 VIDEO_FRAMES = 5
 
 
@@ -131,11 +130,11 @@ def test_results_are_valid(
     ok = [r for r in lines if r["status"] == "ok"]
     assert len(ok) == 3 + VIDEO_FRAMES
     for record in ok:
-        assert record["model"]["name"] == "best.pt"
+        assert record["model"]["name"] == TEST_MODEL.name
         assert record["timings_ms"]["inference"] > 0
         confidences = [d["confidence"] for d in record["detections"]]
         assert confidences == sorted(confidences, reverse=True)
-        assert all(c >= 0.25 for c in confidences)
+        assert all(c >= CONF for c in confidences)
         width, height = record["image"]["width"], record["image"]["height"]
         for det in record["detections"]:
             box = det["bbox"]

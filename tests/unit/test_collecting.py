@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from inference_service.collecting import VideoCollector, collect, describe, percentile
-from inference_service.report import render_html
+from inference_service.commands.collecting import VideoCollector, collect, describe, percentile
+from inference_service.commands.report import render_html
 
 
 def result(frame: int | None, video: str = "v", status: str = "ok", total: float = 10.0,

@@ -7,8 +7,9 @@ from pathlib import Path
 from inference_service.commands.detect import Frame, Source, expand_paths, frame_result
 from inference_service.domain import BBox, Detection, FrameDetections, ImageSize, ModelInfo
 from inference_service.errors import FrameNotFoundError
+from tests.conftest import CONF, IOU
 
-INFO = ModelInfo(name="m.pt", sha256="a" * 64, imgsz=(640, 640), conf=0.25, iou=0.45, runtime="x")
+INFO = ModelInfo(name="m.pt", sha256="a" * 64, imgsz=(640, 640), conf=CONF, iou=IOU, runtime="x")
 
 
 def test_folders_expand_to_sorted_images_and_videos(tmp_path: Path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import gen_docs  # scripts/gen_docs.py; scripts/ is on pytest's pythonpath
 import pytest
 
+from inference_devtools import settings_doc
 from inference_service.settings import Settings, env_name, settings_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,7 +16,7 @@ DOC = ROOT / "docs" / "operations.md"
 
 def test_settings_block_matches_the_code() -> None:
     text = DOC.read_text(encoding="utf-8")
-    assert gen_docs.render(text) == text, (
+    assert settings_doc.render(text) == text, (
         "docs/operations.md's settings table drifted from settings.py: "
         "run .venv/bin/python scripts/gen_docs.py"
     )
@@ -25,7 +25,7 @@ def test_settings_block_matches_the_code() -> None:
 
 
 def test_render_replaces_only_the_block() -> None:
-    g = gen_docs
+    g = settings_doc
     text = f"intro\n{g.BEGIN}\nold table\n{g.END}\noutro\n"
     out = g.render(text, table="| new |")
     assert out == f"intro\n{g.BEGIN}\n| new |\n{g.END}\noutro\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from inference_service.errors import ModelError
-from inference_service.model import ResolvedModel, resolve_model
+from inference_service.model import ResolvedModel, export, resolve_model
 from inference_service.settings import Settings
 
 
@@ -81,16 +82,40 @@ def test_random_onnx_file(tmp_path: Path) -> None:
         resolve_model(_settings(path, tmp_path))
 
 
-@pytest.mark.slow
-def test_random_pt_file(tmp_path: Path) -> None:
+def _half_entries(cache: Path) -> list[str]:
+    """What a failed conversion left in ``cache`` besides ultralytics' settings and lock files: a
+    half cache entry or a temporary directory would be listed."""
+    if not cache.exists():
+        return []
+    return sorted(
+        p.name for p in cache.iterdir() if p.name != "ultralytics" and p.suffix != ".lock"
+    )
+
+
+def test_pt_file_without_the_export_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(export, "export_available", lambda: False)
     path = tmp_path / "best.pt"
     path.write_bytes(b"random bytes, not a checkpoint" * 10)
     with pytest.raises(ModelError) as info:
         resolve_model(_settings(path, tmp_path))
-    assert "not a readable YOLOv8 checkpoint" in str(info.value) or "pip install" in str(info.value)
-    cache = tmp_path / "cache"
-    entries = [p.name for p in cache.iterdir() if p.is_dir()] if cache.exists() else []
-    assert [e for e in entries if e != "ultralytics"] == []  # no half cache entry left
+    assert export.INSTALL_HINT in str(info.value)
+    assert "not a readable YOLOv8 checkpoint" not in str(info.value)
+    assert _half_entries(tmp_path / "cache") == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("ultralytics", "torch", "onnx")),
+    reason="needs the export extra (ultralytics, torch, onnx)",
+)
+def test_unreadable_pt_file_with_the_export_extra(tmp_path: Path) -> None:
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"random bytes, not a checkpoint" * 10)
+    with pytest.raises(ModelError, match="not a readable YOLOv8 checkpoint"):
+        resolve_model(_settings(path, tmp_path))
+    # The conversion ran (only its child reports an unreadable checkpoint), so the cache exists.
+    assert (tmp_path / "cache").is_dir()
+    assert _half_entries(tmp_path / "cache") == []  # no half cache entry left
 
 
 def test_directory_without_ir(tmp_path: Path) -> None:

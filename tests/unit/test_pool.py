@@ -37,6 +37,7 @@ class FakeDetector:
     """
 
     info = INFO
+    warmed_up = False
 
     def warmup(self) -> None:
         pass
@@ -291,5 +292,19 @@ def test_workers_that_die_while_loading_fail_the_start() -> None:
         pool = DetectorPool(settings(), FakeFactory(crash=True), processes=1, threads=1)
         with pytest.raises(ModelError, match="before its model was ready, 3 times"):
             await pool.start()
+
+    run(go())
+
+
+def test_start_gives_up_after_the_startup_timeout_setting() -> None:
+    async def go() -> None:
+        pool = DetectorPool(
+            settings(startup_timeout_s=0.5), FakeFactory(load_s=30), processes=1, threads=1
+        )
+        t0 = time.monotonic()
+        with pytest.raises(ModelError, match="INFERENCE_STARTUP_TIMEOUT_S"):
+            await pool.start()
+        assert time.monotonic() - t0 < 10
+        assert not pool.ready()
 
     run(go())

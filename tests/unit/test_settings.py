@@ -1,11 +1,18 @@
+import argparse
+import os
+from pathlib import Path
+
 import pytest
 
+from inference_devtools import settings_doc as gen_docs
 from inference_service.errors import ConfigError
-from inference_service.settings import Settings, load_settings, settings_table
+from inference_service.settings import Settings, add_cli_flags, load_settings, overrides_from_args
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
 
 def test_defaults_match_the_spec(monkeypatch):
-    for name in list(__import__("os").environ):
+    for name in list(os.environ):
         if name.startswith("INFERENCE_"):
             monkeypatch.delenv(name)
     s = load_settings()
@@ -46,7 +53,33 @@ def test_invalid_setting_names_variable_and_accepted_values(monkeypatch, var, va
     assert "Accepted" in str(err.value)
 
 
-def test_table_lists_every_setting():
-    table = settings_table()
-    for name in Settings.model_fields:
-        assert f"INFERENCE_{name.upper()}" in table
+def _documented_rows() -> list[list[str]]:
+    """The rows of the settings table in docs/operations.md, each ``[variable, flag, default,
+    meaning]`` with the backticks of the variable and flag stripped."""
+    text = DOC.read_text(encoding="utf-8")
+    block = text[text.index(gen_docs.BEGIN) + len(gen_docs.BEGIN) : text.index(gen_docs.END)]
+    rows = []
+    for line in block.strip().splitlines()[2:]:  # after the header and the |---| line
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ", 3)]
+        cells[0], cells[1] = cells[0].strip("`"), cells[1].strip("`")
+        rows.append(cells)
+    return rows
+
+
+def test_documented_table_lists_every_setting_once(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("INFERENCE_"):
+            monkeypatch.delenv(name)
+    rows = _documented_rows()
+    names = list(Settings.model_fields)
+    # Whole cells, in order: no setting missing, doubled or extra (a substring test would take
+    # INFERENCE_MAX_IN_FLIGHT_BYTES for INFERENCE_MAX_IN_FLIGHT).
+    assert [row[0] for row in rows] == [f"INFERENCE_{name.upper()}" for name in names]
+    defaults = Settings()
+    parser = argparse.ArgumentParser()
+    add_cli_flags(parser)
+    for name, (variable, flag, default, meaning) in zip(names, rows, strict=True):
+        value = getattr(defaults, name)
+        assert default == ("unset" if value is None else f"`{value}`"), variable
+        assert overrides_from_args(parser.parse_args([flag, "x"])) == {name: "x"}, flag
+        assert meaning == Settings.model_fields[name].description, variable

@@ -1,9 +1,10 @@
 import json
+import re
 
 import pytest
 
-from inference_service.errors import InvalidTaskError
-from inference_service.tasks import NotJsonError, decode_record, parse_task, partial_identity
+from inference_service.errors import InvalidTaskError, NotJsonError
+from inference_service.tasks import decode_record, parse_task, partial_identity
 
 
 def task(**fields):
@@ -35,31 +36,38 @@ def test_bucket_override_meta_and_task_id_copied():
     assert (t.bucket, t.task_id, t.meta) == ("b2-frames", "t-9", {"cam": 2})
 
 
+KEY_RULE = "s3_key (or frame_path, s3_path, path) must be a non-empty string"
+
+
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [
-        ({"video_id": ""}, "video_id"),
-        ({"video_id": 5}, "video_id"),
-        ({"frame_id": -1}, ">= 0"),
-        ({"frame_id": "3"}, "frame_id"),
-        ({"frame_id": True}, "frame_id"),
-        ({"frame_id": 1.5}, "frame_id"),
-        ({"s3_key": ""}, "s3_key"),
-        ({"s3_key": 7}, "s3_key"),
-        ({"s3_key": "../etc/passwd"}, "'..'"),
-        ({"s3_key": "a//b.jpg"}, "empty"),
-        ({"s3_key": "/abs.jpg"}, "start"),
-        ({"s3_key": "a\x00b"}, "control"),
-        ({"s3_key": "s3://"}, "s3://bucket/key"),
-        ({"s3_key": "s3://bucket-only"}, "s3://bucket/key"),
-        ({"bucket": "Bad_Bucket"}, "bucket"),
-        ({"bucket": ""}, "bucket"),
-        ({"meta": [1]}, "meta"),
-        ({"task_id": 12}, "task_id"),
+        ({"video_id": ""}, "video_id must be a non-empty string"),
+        ({"video_id": 5}, "video_id must be a non-empty string"),
+        ({"frame_id": -1}, "frame_id must be >= 0 (got -1)"),
+        ({"frame_id": "3"}, "frame_id must be an integer >= 0"),
+        ({"frame_id": True}, "frame_id must be an integer >= 0"),
+        ({"frame_id": 1.5}, "frame_id must be an integer >= 0"),
+        ({"s3_key": ""}, KEY_RULE),
+        ({"s3_key": 7}, KEY_RULE),
+        ({"s3_key": "../etc/passwd"}, "s3 key '../etc/passwd' has an empty, '.' or '..' segment"),
+        ({"s3_key": "a//b.jpg"}, "s3 key 'a//b.jpg' has an empty, '.' or '..' segment"),
+        ({"s3_key": "/abs.jpg"}, "s3 key '/abs.jpg' must not start or end with '/'"),
+        ({"s3_key": "a\x00b"}, "s3 key contains control characters"),
+        ({"s3_key": "s3://"}, "s3 URI 's3://' must look like s3://bucket/key"),
+        (
+            {"s3_key": "s3://bucket-only"},
+            "s3 URI 's3://bucket-only' must look like s3://bucket/key",
+        ),
+        ({"bucket": "Bad_Bucket"}, "bucket 'Bad_Bucket' is not a valid S3 bucket name"),
+        ({"bucket": ""}, "bucket must be a non-empty string when given"),
+        ({"meta": [1]}, "meta must be an object when given"),
+        ({"task_id": 12}, "task_id must be a non-empty string"),
     ],
 )
 def test_invalid_tasks_name_the_problem(fields, needle):
-    with pytest.raises(InvalidTaskError, match=needle.replace(".", r"\.").replace("/", "/")):
+    # The needle is matched literally: the rule broken and the offending value, quoted.
+    with pytest.raises(InvalidTaskError, match=re.escape(needle)):
         parse_task(task(**fields), "frames")
 
 
@@ -80,10 +88,10 @@ def test_decode_record_object():
 
 def test_partial_identity_keeps_what_is_usable():
     ident = partial_identity({"frame_id": "x", "s3_key": "k.jpg"}, b"vid-7", "frames")
-    assert ident["video_id"] == "vid-7"
-    assert ident["frame_id"] is None
-    assert ident["task_id"] is None
-    assert ident["s3_key"] == "k.jpg"
+    assert ident.video_id == "vid-7"
+    assert ident.frame_id is None
+    assert ident.task_id is None
+    assert ident.s3_key == "k.jpg"
     ident = partial_identity({"video_id": "v", "frame_id": 2}, None, "frames")
-    assert ident["task_id"] == "v:2"
-    assert partial_identity({"video_id": "v", "frame_id": -2}, None, "frames")["frame_id"] is None
+    assert ident.task_id == "v:2"
+    assert partial_identity({"video_id": "v", "frame_id": -2}, None, "frames").frame_id is None

@@ -13,6 +13,7 @@ import pytest
 from inference_service.domain import BBox, Detection
 from inference_service.errors import FrameTooLargeError, UndecodableFrameError
 from inference_service.vision import (
+    PAD_VALUE,
     decode_image,
     image_size,
     letterbox,
@@ -21,6 +22,7 @@ from inference_service.vision import (
     postprocess,
 )
 from inference_service.vision.draw import annotate
+from tests.conftest import CONF, IOU, MAX_DETECTIONS
 
 BIG = 10**9
 
@@ -178,7 +180,8 @@ def test_letterbox_tensor_layout_rgb_scale_and_padding() -> None:
     assert tensor.dtype == np.float32 and tensor.flags.c_contiguous
     inner = tensor[0, :, geo.top : geo.top + geo.resized_hw[0], :]
     assert np.all(inner[0] == 0.0) and np.all(inner[1] == 0.0) and np.all(inner[2] == 1.0)
-    pad = np.float32(114) / np.float32(255)
+    assert PAD_VALUE == 114  # the reference's grey
+    pad = np.float32(PAD_VALUE) / np.float32(255)
     assert np.all(tensor[0, :, : geo.top, :] == pad)
     assert np.all(tensor[0, :, geo.top + geo.resized_hw[0] :, :] == pad)
 
@@ -202,27 +205,27 @@ def _boxes(*rows: tuple[float, float, float, float]) -> np.ndarray:
 def test_nms_suppresses_overlap_above_threshold_keeps_best() -> None:
     boxes = _boxes((0, 0, 10, 10), (1, 0, 11, 10), (50, 50, 60, 60))
     scores = np.asarray([0.8, 0.9, 0.5], np.float32)
-    assert nms(boxes, scores, 0.45, 300).tolist() == [1, 2]
+    assert nms(boxes, scores, IOU, MAX_DETECTIONS).tolist() == [1, 2]
 
 
 def test_nms_iou_equal_to_threshold_is_kept() -> None:
     boxes = _boxes((0, 0, 10, 10), (0, 0, 10, 4.5))  # IoU exactly 0.45
     scores = np.asarray([0.9, 0.8], np.float32)
-    assert nms(boxes, scores, 0.45, 300).tolist() == [0, 1]
-    assert nms(boxes, scores, 0.44, 300).tolist() == [0]
+    assert nms(boxes, scores, 0.45, MAX_DETECTIONS).tolist() == [0, 1]
+    assert nms(boxes, scores, 0.44, MAX_DETECTIONS).tolist() == [0]
 
 
 def test_nms_chain_suppression_is_greedy() -> None:
     # B overlaps A and C; A beats B, so B is gone and C survives although B would suppress C.
     boxes = _boxes((0, 0, 10, 10), (3, 0, 13, 10), (6, 0, 16, 10))
     scores = np.asarray([0.9, 0.8, 0.7], np.float32)
-    assert nms(boxes, scores, 0.45, 300).tolist() == [0, 2]
+    assert nms(boxes, scores, IOU, MAX_DETECTIONS).tolist() == [0, 2]
 
 
 def test_nms_max_det() -> None:
     boxes = np.asarray([(i * 20, 0, i * 20 + 10, 10) for i in range(50)], np.float32)
     scores = np.linspace(0.9, 0.3, 50, dtype=np.float32)
-    assert nms(boxes, scores, 0.45, 7).tolist() == list(range(7))
+    assert nms(boxes, scores, IOU, 7).tolist() == list(range(7))
 
 
 def _head(
@@ -244,11 +247,11 @@ def test_postprocess_class_aware_threshold_order_and_rescale() -> None:
             (100, 112, 40, 40, 0, 0.60),
             (102, 112, 40, 40, 0, 0.70),  # suppresses the first (same class)
             (102, 112, 40, 40, 1, 0.50),  # same place, other class: kept
-            (300, 200, 20, 20, 2, 0.25),  # exactly the threshold: dropped (strictly greater)
+            (300, 200, 20, 20, 2, CONF),  # exactly the threshold: dropped (strictly greater)
             (630, 370, 40, 40, 2, 0.90),  # runs off the frame: clipped
         ]
     )
-    raw = postprocess(head, geo, conf=0.25, iou=0.45)
+    raw = postprocess(head, geo, conf=CONF, iou=IOU, max_det=MAX_DETECTIONS)
     assert raw.class_ids.tolist() == [2, 0, 1]
     assert np.allclose(raw.scores, [0.9, 0.7, 0.5])
     assert np.allclose(
@@ -259,7 +262,9 @@ def test_postprocess_class_aware_threshold_order_and_rescale() -> None:
 
 def test_postprocess_empty() -> None:
     geo = letterbox_geometry((720, 1280), (640, 640), 32)
-    raw = postprocess(np.zeros((1, 84, 5040), np.float32), geo, conf=0.25, iou=0.45)
+    raw = postprocess(
+        np.zeros((1, 84, 5040), np.float32), geo, conf=CONF, iou=IOU, max_det=MAX_DETECTIONS
+    )
     assert len(raw) == 0 and raw.boxes.shape == (0, 4)
 
 
@@ -272,11 +277,11 @@ def test_postprocess_is_fast_for_thousands_of_candidates() -> None:
     head[0, 2:4] = rng.uniform(10, 200, (2, n))
     head[0, 4:] = rng.uniform(0, 0.35, (80, n))
     geo = letterbox_geometry((640, 640), (640, 640), 32)
-    postprocess(head, geo, conf=0.001, iou=0.45)
+    postprocess(head, geo, conf=0.001, iou=IOU, max_det=MAX_DETECTIONS)
     start = time.perf_counter()
-    raw = postprocess(head, geo, conf=0.001, iou=0.45)
+    raw = postprocess(head, geo, conf=0.001, iou=IOU, max_det=MAX_DETECTIONS)
     assert time.perf_counter() - start < 0.25
-    assert 0 < len(raw) <= 300
+    assert 0 < len(raw) <= MAX_DETECTIONS
     assert np.all(np.diff(raw.scores) <= 0)
 
 

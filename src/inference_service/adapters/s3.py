@@ -19,6 +19,7 @@ from obstore.exceptions import InvalidPathError, NotFoundError
 from obstore.store import S3Store
 
 from inference_service.errors import (
+    ConfigError,
     FrameNotFoundError,
     FrameTooLargeError,
     InvalidTaskError,
@@ -123,6 +124,29 @@ class S3FrameStore:
         except (NotFoundError, FileNotFoundError) as exc:
             raise StoreUnavailableError(f"bucket {bucket!r} does not exist: {exc}") from exc
         except Exception as exc:
+            refused = _refused_credentials(str(exc))
+            if refused is not None:
+                # Waiting does not mend wrong keys: stop start-up with what to fix.
+                raise ConfigError(
+                    f"S3 at {self._endpoint or 'AWS'} refused the credentials ({refused}); "
+                    "check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN "
+                    "(or the role the service runs under)"
+                ) from None
             raise StoreUnavailableError(
                 f"S3 at {self._endpoint or 'AWS'} does not answer for bucket {bucket!r}: {exc}"
             ) from exc
+
+
+CREDENTIAL_ERRORS = (
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+)
+"""S3 error codes that say the credentials themselves are wrong (not a missing permission)."""
+
+
+def _refused_credentials(message: str) -> str | None:
+    """The S3 error code in ``message`` if it refuses the credentials, else None."""
+    return next((code for code in CREDENTIAL_ERRORS if f"<Code>{code}</Code>" in message), None)

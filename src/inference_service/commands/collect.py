@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from inference_service.collecting import VideoCollector, describe
+from inference_service.commands.collecting import VideoCollector, describe
 from inference_service.errors import TopicMissingError
 from inference_service.settings import (
     Settings,
@@ -97,20 +97,11 @@ def read_results(
     """Feed ``collector`` from the results topic until it is done, the topic ends, or timeout."""
     from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-    from inference_service.adapters.kafka import client_config
+    from inference_service.adapters.kafka import reader_config
 
     topic = settings.results_topic
-    consumer = Consumer(
-        {
-            **client_config(settings),
-            "group.id": f"collect-{uuid.uuid4().hex[:12]}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-        }
-    )
+    group = f"collect-{uuid.uuid4().hex[:12]}"
+    consumer = Consumer(reader_config(settings, group, **{"enable.partition.eof": True}))
     started = time.monotonic()
     deadline = started + timeout_s
     try:

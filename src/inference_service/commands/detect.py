@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, cast
 
+from inference_service.commands.progress import Progress
 from inference_service.domain import FrameDetections, ModelInfo, Result
 from inference_service.errors import FrameNotFoundError, TaskError, UndecodableFrameError
 from inference_service.pool import DetectorPool
-from inference_service.progress import Progress
 from inference_service.results import Identity, build_result, stage_timings
 from inference_service.settings import Settings, add_cli_flags, load_settings, overrides_from_args
 

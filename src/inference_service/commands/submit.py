@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from inference_service.commands.progress import Progress
 from inference_service.errors import CommandError
-from inference_service.progress import Progress
 from inference_service.settings import Settings, add_cli_flags, load_settings, overrides_from_args
 
 if TYPE_CHECKING:
@@ -212,21 +212,13 @@ async def submit(settings: Settings, video_id: str, frames: Iterator[SourceFrame
     import obstore
     from confluent_kafka import Producer
 
-    from inference_service.adapters.kafka import client_config
+    from inference_service.adapters.kafka import writer_config
 
     bucket = settings.s3_bucket
     store = s3_store(settings, bucket)
     report = SubmitReport()
     failures: list[str] = []
-    producer = Producer(
-        {
-            **client_config(settings),
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "compression.type": "lz4",
-        }
-    )
+    producer = Producer(writer_config(settings))
 
     def on_delivery(err: Any, _msg: Any) -> None:
         if err is not None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from inference_service.errors import ModelError
+from inference_service.settings import env_name
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def export_onnx(source: Path, out_dir: Path, *, config_dir: Path, timeout_s: flo
     if not export_available():
         raise ModelError(
             f"{source} is a PyTorch checkpoint; converting it needs ultralytics and torch: "
-            f"{INSTALL_HINT} (or give INFERENCE_MODEL an exported .onnx file or OpenVINO directory)"
+            f"{INSTALL_HINT} (or give {env_name('model')} an exported .onnx file or OpenVINO "
+            "directory)"
         )
     env = dict(os.environ)
     env.setdefault("YOLO_OFFLINE", "1")

@@ -45,7 +45,7 @@ from inference_service.model.metadata import (
     read_onnx_metadata,
     read_openvino_metadata,
 )
-from inference_service.settings import Settings
+from inference_service.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def resolve_model(settings: Settings) -> ResolvedModel:
     source = settings.model.expanduser()
     if not source.exists():
         raise ModelError(
-            f"INFERENCE_MODEL={settings.model}: no such file or directory "
+            f"{env_name('model')}={settings.model}: no such file or directory "
             f"(working directory {Path.cwd()}); expected a YOLOv8 .pt, an .onnx file "
             "or an OpenVINO IR directory"
         )
@@ -112,7 +112,8 @@ def resolve_model(settings: Settings) -> ResolvedModel:
         resolved = _from_checkpoint(source, settings.cache_path())
     else:
         raise ModelError(
-            f"INFERENCE_MODEL={source}: unknown model type {source.suffix or '(no suffix)'!r}; "
+            f"{env_name('model')}={source}: unknown model type "
+            f"{source.suffix or '(no suffix)'!r}; "
             "expected a YOLOv8 .pt checkpoint, an .onnx file or an OpenVINO IR directory"
         )
     return _with_imgsz(resolved, settings.imgsz)
@@ -141,12 +142,16 @@ def _with_imgsz(model: ResolvedModel, imgsz: int | None) -> ResolvedModel:
     side = max(math.ceil(imgsz / model.stride) * model.stride, model.stride)
     if side != imgsz:
         log.warning(
-            "INFERENCE_IMGSZ=%d is not a multiple of stride %d; using %d", imgsz, model.stride, side
+            "%s=%d is not a multiple of stride %d; using %d",
+            env_name("imgsz"),
+            imgsz,
+            model.stride,
+            side,
         )
     if not model.dynamic and (side, side) != model.imgsz:
         raise ModelError(
-            f"INFERENCE_IMGSZ={imgsz}: {model.source} has a fixed input of "
-            f"{model.imgsz[0]}x{model.imgsz[1]}; unset INFERENCE_IMGSZ or export the model "
+            f"{env_name('imgsz')}={imgsz}: {model.source} has a fixed input of "
+            f"{model.imgsz[0]}x{model.imgsz[1]}; unset {env_name('imgsz')} or export the model "
             "with dynamic axes"
         )
     return dataclasses.replace(model, imgsz=(side, side))

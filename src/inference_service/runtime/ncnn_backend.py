@@ -3,9 +3,7 @@
 The ncnn model (made by :func:`inference_service.model.export.onnx_to_ncnn`) is purely
 convolutional, so one file serves every input height and width; its outputs ``out0…`` are each
 level's box and class logits, which :func:`~inference_service.runtime.yolo_head.decode_levels`
-turns into the exported network's output. On the 2-core Zen 4 of this repository's benchmarks,
-ncnn ran yolov8n at 384x640 in 42–43 ms per frame on one thread against OpenVINO's 53–56 ms, with
-outputs equal to OpenVINO's within 3e-5.
+turns into the exported network's output (equal to OpenVINO's up to float rounding).
 
 One ``ncnn.Net`` per process, an extractor per call (ncnn's nets are safe to extract from
 concurrently), one extraction at a time: ncnn runs a call on the calling thread (plus its own
@@ -29,6 +27,7 @@ from inference_service.errors import ConfigError, ModelError
 from inference_service.model.export import NCNN_BIN, NCNN_PARAM
 from inference_service.runtime.base import Batch, HeadOutput, Images
 from inference_service.runtime.yolo_head import decode_levels
+from inference_service.settings import env_name
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,8 @@ class NcnnBackend:
     ) -> None:
         if precision != "fp32":
             raise ConfigError(
-                f"INFERENCE_PRECISION={precision} is not supported by ncnn here; "
-                "use INFERENCE_RUNTIME=openvino for bf16, or INFERENCE_PRECISION=fp32"
+                f"{env_name('precision')}={precision} is not supported by ncnn here; use "
+                f"{env_name('runtime')}=openvino for bf16, or {env_name('precision')}=fp32"
             )
         import ncnn
 

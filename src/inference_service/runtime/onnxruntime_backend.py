@@ -9,6 +9,7 @@ import numpy as np
 
 from inference_service.errors import ConfigError, ModelError
 from inference_service.runtime.base import Batch, HeadOutput, Images, to_batch
+from inference_service.settings import env_name
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,8 @@ class OnnxRuntimeBackend:
     ) -> None:
         if precision != "fp32":
             raise ConfigError(
-                f"INFERENCE_PRECISION={precision} is not supported by ONNX Runtime; "
-                "use INFERENCE_RUNTIME=openvino for bf16, or INFERENCE_PRECISION=fp32"
+                f"{env_name('precision')}={precision} is not supported by ONNX Runtime; use "
+                f"{env_name('runtime')}=openvino for bf16, or {env_name('precision')}=fp32"
             )
         import onnxruntime as ort
 
@@ -42,14 +43,14 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         # Idle intra-op threads sleep instead of spinning: spinning threads steal the cores that
-        # the other worker processes need (seen: 2 threads slower than 1 on a busy machine).
+        # the other worker processes need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [CPU_PROVIDER]
         if cuda:
             if CUDA_PROVIDER not in ort.get_available_providers():
                 raise ConfigError(
-                    "INFERENCE_RUNTIME=onnxruntime-cuda: this ONNX Runtime has no CUDA provider "
-                    f"(available: {', '.join(ort.get_available_providers())})"
+                    f"{env_name('runtime')}=onnxruntime-cuda: this ONNX Runtime has no CUDA "
+                    f"provider (available: {', '.join(ort.get_available_providers())})"
                 )
             providers = [CUDA_PROVIDER, CPU_PROVIDER]
         try:

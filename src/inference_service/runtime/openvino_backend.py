@@ -5,8 +5,8 @@ cached (static shapes run faster than a dynamic-shape compilation on the CPU plu
 pool of infer requests per shape so that several threads infer at once. ``infer`` releases the
 GIL while the network runs. ``infer_images`` takes letterboxed BGR ``uint8`` frames; in fp32 it lets
 OpenVINO's pre-processing (u8 → f32, BGR → RGB, ÷255, NHWC → NCHW) run inside the compiled
-network: outputs identical to ``infer`` on the converted tensor, about 0.5 ms less per 384x640
-frame than converting in numpy (measured on the 2-core Zen 4 of this repository's benchmarks).
+network: outputs identical to ``infer`` on the converted tensor, and cheaper than converting in
+numpy.
 
 Configuration as compiled: ``INFERENCE_PRECISION_HINT`` set explicitly (``f32`` for fp32: on a CPU
 with native bf16 OpenVINO would otherwise pick bf16 itself; ``bf16`` for bf16, with the YOLOv8 stem
@@ -33,6 +33,7 @@ import numpy as np
 from inference_service.errors import ConfigError, ModelError
 from inference_service.runtime.base import Batch, HeadOutput, Images, to_batch
 from inference_service.runtime.mixed_precision import STEM_F32, keep_f32
+from inference_service.settings import env_name
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class OpenVinoBackend:
         f32_layers: re.Pattern[str] | None = STEM_F32,
     ) -> None:
         if precision not in _PRECISION_HINTS:
-            raise ConfigError(f"INFERENCE_PRECISION={precision}: expected fp32 or bf16")
+            raise ConfigError(f"{env_name('precision')}={precision}: expected fp32 or bf16")
         hint = hint.upper()
         if hint not in ("LATENCY", "THROUGHPUT"):
             raise ConfigError(f"OpenVINO performance hint {hint!r}: expected LATENCY or THROUGHPUT")
@@ -100,7 +101,7 @@ class OpenVinoBackend:
             capabilities = self._core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
             if "BF16" not in capabilities:
                 raise ConfigError(
-                    "INFERENCE_PRECISION=bf16: this CPU has no native bf16 "
+                    f"{env_name('precision')}=bf16: this CPU has no native bf16 "
                     f"(capabilities: {', '.join(capabilities)}); use fp32"
                 )
         self._weights: Any = None

@@ -32,6 +32,8 @@ import numpy as np
 
 from inference_service.errors import ConfigError, ModelError
 from inference_service.runtime.base import InferenceBackend, ModelFiles
+from inference_service.settings import env_name
+from inference_service.vision.letterbox import PAD_VALUE
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def open_backend(
     if runtime == "ncnn":
         return _ncnn(model, precision, threads, score_floor)
     raise ConfigError(
-        f"INFERENCE_RUNTIME={runtime}: expected auto, openvino, onnxruntime, ncnn, "
+        f"{env_name('runtime')}={runtime}: expected auto, openvino, onnxruntime, ncnn, "
         "onnxruntime-cuda or openvino-gpu"
     )
 
@@ -94,9 +96,9 @@ def _ncnn(
 
     if model.ncnn_dir is None:
         raise ConfigError(
-            "INFERENCE_RUNTIME=ncnn needs the model's ncnn conversion, made from its ONNX file "
-            "when pnnx is installed: pip install 'inference-service[export]' (then restart), or "
-            "use INFERENCE_RUNTIME=openvino"
+            f"{env_name('runtime')}=ncnn needs the model's ncnn conversion, made from its ONNX "
+            "file when pnnx is installed: pip install 'inference-service[export]' (then restart), "
+            f"or use {env_name('runtime')}=openvino"
         )
     return NcnnBackend(
         model.ncnn_dir, precision=precision, threads=threads, score_floor=score_floor
@@ -128,8 +130,8 @@ def _onnxruntime(
 
     if model.onnx is None:
         raise ConfigError(
-            "INFERENCE_RUNTIME=onnxruntime needs an ONNX model; this model is OpenVINO IR only "
-            "(use INFERENCE_RUNTIME=openvino)"
+            f"{env_name('runtime')}=onnxruntime needs an ONNX model; this model is OpenVINO IR "
+            f"only (use {env_name('runtime')}=openvino)"
         )
     return OnnxRuntimeBackend(model.onnx, precision=precision, threads=threads, cuda=cuda)
 
@@ -151,7 +153,7 @@ def _auto(
         if cached in candidates:
             log.info("runtime auto: %s (measured before, key %s)", cached, key)
             return candidates[cached]()
-        probe = np.full((1, *probe_hw, 3), 114, dtype=np.uint8)
+        probe = np.full((1, *probe_hw, 3), PAD_VALUE, dtype=np.uint8)
         probe[:, ::7, ::5] = 30  # some structure, so that the head's decode has work to do
         timings: dict[str, float] = {}
         opened: dict[str, InferenceBackend] = {}

@@ -6,6 +6,7 @@ reference implementation (ultralytics' predict) so that detections agree with it
 
 from inference_service.vision.decode import ImageBGR, decode_image, image_size
 from inference_service.vision.letterbox import (
+    PAD_VALUE,
     LetterboxGeometry,
     Tensor,
     letterbox,
@@ -16,6 +17,7 @@ from inference_service.vision.letterbox import (
 from inference_service.vision.postprocess import RawDetections, nms, postprocess, scale_boxes
 
 __all__ = [
+    "PAD_VALUE",
     "ImageBGR",
     "LetterboxGeometry",
     "RawDetections",

@@ -125,7 +125,7 @@ def postprocess(
     *,
     conf: float,
     iou: float,
-    max_det: int = 300,
+    max_det: int,
 ) -> RawDetections:
     """Detections of one frame from its ``(1, 4 + nc, N)`` (or ``(4 + nc, N)``) head output."""
     head = output[0] if output.ndim == 3 else output

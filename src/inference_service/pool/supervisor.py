@@ -1,23 +1,11 @@
-"""The detector pool: N worker processes, each owning one model, behind an asyncio API.
+"""The supervisor: :class:`DetectorPool` starts the worker processes, hands them frames, reads
+their answers and replaces the workers that die.
 
-Shape (one job per part)::
-
-    event loop ── detect(bytes) ──► pending deque ──► least-loaded ready worker's task queue
-                                                          │ (mp.Queue of encoded frames)
-                                    worker process i: T threads ── detector.detect ──┐
-    futures ◄── call_soon_threadsafe ◄── monitor thread ◄── result pipe of worker i ◄┘
-                                              │
-                                              └── notices a dead worker (process sentinel), starts
-                                                  a replacement, re-queues its in-flight frames
-
-* Workers are started with the ``spawn`` context and load the model once, through a picklable
-  factory, then warm it up and report ``ready``.
-* Frames travel as encoded bytes (or a raw ``uint8`` buffer for decoded video frames), never as
-  pickled arrays.
-* Every worker has its own task queue and result pipe, so a worker killed mid-write can corrupt only
-  channels that are thrown away with it.
-* A frame whose worker dies is retried on another (or the replacement) worker up to
-  ``settings.worker_retries`` times, then fails with :class:`InferenceFailedError`.
+* The event loop submits a frame; it waits in ``pending`` until the least-loaded ready worker has
+  room, then goes to that worker's task queue as a :class:`~.messages.FrameJob`.
+* One monitor thread waits on every worker's result pipe and process sentinel: answers resolve
+  their futures (``call_soon_threadsafe``), a dead worker's in-flight frames are queued again and a
+  replacement is started after a backoff.
 """
 
 from __future__ import annotations
@@ -29,211 +17,46 @@ import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
-import os
-import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as MpEvent
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from inference_service.domain import FrameDetections, ModelInfo
-from inference_service.errors import ConfigError, InferenceFailedError, ModelError, TaskError
-from inference_service.ports import FrameDetector
-from inference_service.settings import Settings
+from inference_service.errors import ConfigError, InferenceFailedError, ModelError
+from inference_service.pool.messages import (
+    Done,
+    Failed,
+    FrameJob,
+    FromWorker,
+    Payload,
+    RawFrame,
+    Ready,
+    StartFailed,
+    Stop,
+    ToWorker,
+)
+from inference_service.pool.sizing import available_cpus, plan_workers
+from inference_service.pool.worker import (
+    POLL_S,
+    DetectorFactory,
+    load_default_detector,
+    worker_main,
+)
+from inference_service.settings import Settings, env_name
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from inference_service.model.resolve import ResolvedModel
-
 log = logging.getLogger(__name__)
-
-DetectorFactory = Callable[[], FrameDetector]
-"""Builds the detector inside a worker process; must be picklable (module-level or a partial)."""
 
 _START_CRASHES = 3
 """Deaths of one worker before the pool was first ready after which start() gives up."""
-
-_POLL_S = 0.2
-"""How often blocked loops look at their stop flags (well under the one-second promise)."""
-
-
-class _ArrayDetector(Protocol):
-    def detect_array(self, image_bgr: npt.NDArray[np.uint8]) -> FrameDetections: ...
-
-
-# --------------------------------------------------------------------------------------------
-# Sizing
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (the container's share, not the host's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def plan_workers(settings: Settings, cpu_count: int) -> tuple[int, int]:
-    """``(processes, inference threads per process)`` for ``INFERENCE_WORKERS/THREADS``.
-
-    Explicit settings win; ``auto`` fills in the rest by a rule measured on a 2-core Zen 5
-    (AVX-512, native bf16), yolov8n/yolov8s on 1280x720 JPEG frames (``make bench-detector``,
-    ``bench/results/sweep.md``):
-
-    * one process per CPU, one inference thread each: with ONNX Runtime and OpenVINO, fp32 and
-      bf16, P processes × 1 thread beat 1 process × P threads (intra-op threads synchronise per
-      layer and leave JPEG decode, letterbox and NMS serial), and P × 1 beat P × 2
-      (oversubscription);
-    * when ``workers`` is given and ``threads`` is auto: ``max(1, cpus // workers)`` threads;
-    * when ``threads`` is given and ``workers`` is auto: ``max(1, cpus // threads)`` processes.
-
-    Memory is the other bound: each process holds its own model (yolov8n ~60 MB RSS with a runtime,
-    yolov8s ~120 MB); the rule does not cap processes for it.
-    """
-    cpus = max(1, cpu_count)
-    workers, threads = settings.workers, settings.threads
-    if workers != "auto" and threads != "auto":
-        return workers, threads
-    if workers != "auto":
-        return workers, max(1, cpus // workers)
-    if threads != "auto":
-        return max(1, cpus // threads), threads
-    return cpus, 1
-
-
-# --------------------------------------------------------------------------------------------
-# The worker process
-
-
-def load_default_detector(
-    resolved: ResolvedModel, settings: Settings, threads: int
-) -> FrameDetector:
-    """The default factory body: the service's own detector (imported in the worker only)."""
-    from inference_service.detector import load_detector
-
-    return load_detector(resolved, settings, threads)
-
-
-def _warm_up(detector: FrameDetector) -> None:
-    if getattr(detector, "warmed_up", False):
-        return
-    warm = getattr(detector, "warmup", None)
-    if callable(warm):
-        warm()
-        return
-    import cv2
-    import numpy as np
-
-    h, w = detector.info.imgsz
-    image = np.full((max(h, 32), max(w, 32), 3), 114, dtype=np.uint8)
-    ok, buf = cv2.imencode(".jpg", image)
-    if ok:
-        detector.detect(buf.tobytes())
-
-
-@dataclass(frozen=True, slots=True)
-class _RawFrame:
-    """A decoded BGR frame sent as its raw buffer (no pickled array)."""
-
-    data: bytes
-    height: int
-    width: int
-
-
-def _run_one(detector: FrameDetector, payload: bytes | _RawFrame) -> FrameDetections:
-    if isinstance(payload, bytes):
-        return detector.detect(payload)
-    import numpy as np
-
-    image = np.frombuffer(payload.data, dtype=np.uint8).reshape(payload.height, payload.width, 3)
-    detect_array: Callable[[Any], FrameDetections] = getattr(detector, "detect_array")  # noqa: B009
-    return detect_array(image)
-
-
-def _error_payload(exc: BaseException) -> TaskError:
-    """What travels back for a failed frame: the same TaskError type, or inference_failed."""
-    if isinstance(exc, TaskError):
-        try:
-            return type(exc)(exc.message)
-        except Exception:
-            return InferenceFailedError(exc.message)
-    return InferenceFailedError(f"{type(exc).__name__}: {exc}")
-
-
-def _worker_main(
-    index: int,
-    factory: DetectorFactory,
-    tasks: multiprocessing.Queue[tuple[int, bytes | _RawFrame] | None],
-    results: multiprocessing.connection.Connection,
-    stop: MpEvent,
-    pullers: int,
-    log_level: int = logging.WARNING,
-) -> None:
-    """Entry point of a worker process: load, warm up, then serve frames until told to stop."""
-    logging.basicConfig(
-        level=log_level,
-        format="%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s",
-    )
-    parent = os.getppid()
-    send_lock = threading.Lock()
-
-    def send(message: tuple[Any, ...]) -> None:
-        with send_lock:
-            results.send(message)
-
-    try:
-        detector = factory()
-        _warm_up(detector)
-    except BaseException as exc:  # the parent turns this into a start-up error
-        send(("fatal", type(exc).__name__, str(exc)))
-        results.close()
-        return
-    send(("ready", detector.info))
-    halt = threading.Event()
-
-    def pull() -> None:
-        while not halt.is_set():
-            try:
-                item = tasks.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
-            if item is None:  # the parent's "no more work"
-                halt.set()
-                return
-            job_id, payload = item
-            try:
-                result = _run_one(detector, payload)
-            except BaseException as exc:
-                send(("done", job_id, None, _error_payload(exc)))
-            else:
-                send(("done", job_id, result, None))
-
-    threads = [
-        threading.Thread(target=pull, name=f"detector-{index}-pull-{n}", daemon=True)
-        for n in range(pullers)
-    ]
-    for t in threads:
-        t.start()
-    while not halt.is_set() and not stop.wait(_POLL_S):
-        if os.getppid() != parent:  # orphaned: the service is gone
-            break
-    halt.set()
-    deadline = time.monotonic() + 2.0
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    results.close()
-    os._exit(0)  # skip runtime atexit handlers that may wait on their own thread pools
-
-
-# --------------------------------------------------------------------------------------------
-# The parent side
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +83,7 @@ class PoolStats:
 
 @dataclass(slots=True)
 class _Job:
-    payload: bytes | _RawFrame
+    payload: Payload
     future: asyncio.Future[FrameDetections]
     loop: asyncio.AbstractEventLoop
     attempts: int = 0
@@ -270,7 +93,7 @@ class _Job:
 class _Worker:
     index: int
     process: BaseProcess
-    tasks: multiprocessing.Queue[tuple[int, bytes | _RawFrame] | None]
+    tasks: multiprocessing.Queue[ToWorker]
     results: multiprocessing.connection.Connection
     stop: MpEvent
     started_at: float
@@ -297,7 +120,6 @@ class DetectorPool:
         threads: int | None = None,
         pullers: int | None = None,
         in_flight_per_worker: int | None = None,
-        start_timeout_s: float = 300.0,
     ) -> None:
         planned = plan_workers(settings, available_cpus())
         self._settings = settings
@@ -306,7 +128,6 @@ class DetectorPool:
         self._threads = threads or planned[1]
         self._pullers = pullers or 2
         self._cap = in_flight_per_worker or self._pullers + 1
-        self._start_timeout_s = start_timeout_s
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
@@ -333,7 +154,8 @@ class DetectorPool:
     async def start(self) -> None:
         """Start the workers and wait until every one has loaded and warmed its model.
 
-        Raises :class:`ModelError` when a worker cannot load the model.
+        Raises :class:`ModelError` when a worker cannot load the model, or when the workers are
+        not all ready within ``settings.startup_timeout_s`` (0: no limit).
         """
         if self._started:
             return
@@ -347,12 +169,15 @@ class DetectorPool:
             target=self._monitor_loop, name="pool-monitor", daemon=True
         )
         self._monitor.start()
-        ok = await asyncio.to_thread(self._wait_ready, self._start_timeout_s)
+        timeout_s = self._settings.startup_timeout_s
+        ok = await asyncio.to_thread(self._wait_ready, timeout_s)
         if not ok and self._closing.is_set():
             log.info("detector pool stopped before it was ready")
             return
         if not ok:
-            reason = self._fatal or f"workers not ready after {self._start_timeout_s:.0f} s"
+            reason = self._fatal or (
+                f"workers not ready after {timeout_s:.0f} s ({env_name('startup_timeout_s')})"
+            )
             await self.stop()
             raise ModelError(f"detector workers failed to start: {reason}")
         log.info(
@@ -370,12 +195,14 @@ class DetectorPool:
         resolved = resolve_model(self._settings)
         return functools.partial(load_default_detector, resolved, self._settings, self._threads)
 
-    def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+    def _wait_ready(self, timeout_s: float) -> bool:
+        """Wait for every worker to be ready; False on a load error, a stop or ``timeout_s``
+        (0: no limit, as for the setting)."""
+        deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
         while time.monotonic() < deadline:
             if self._fatal is not None or self._closing.is_set():
                 return False
-            if self._all_ready.wait(_POLL_S):
+            if self._all_ready.wait(POLL_S):
                 return True
         return False
 
@@ -403,7 +230,7 @@ class DetectorPool:
             w.stop.set()
             for _ in range(self._pullers):  # wake every puller now rather than at its next poll
                 with contextlib.suppress(ValueError, OSError):
-                    w.tasks.put(None)
+                    w.tasks.put(Stop())
         if self._monitor is not None:
             self._monitor.join(2.0)
         deadline = time.monotonic() + 3.0
@@ -453,7 +280,7 @@ class DetectorPool:
         if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
             raise ValueError(f"expected an H×W×3 BGR image, got shape {image_bgr.shape}")
         h, w = int(image_bgr.shape[0]), int(image_bgr.shape[1])
-        return await self._submit(_RawFrame(image_bgr.tobytes(), h, w))
+        return await self._submit(RawFrame(image_bgr.tobytes(), h, w))
 
     def stats(self) -> PoolStats:
         with self._lock:
@@ -484,7 +311,7 @@ class DetectorPool:
     def in_flight_per_worker(self) -> int:
         return self._cap
 
-    async def _submit(self, payload: bytes | _RawFrame) -> FrameDetections:
+    async def _submit(self, payload: Payload) -> FrameDetections:
         if not self._started or self._closing.is_set():
             raise ConfigError("the detector pool is not running: await pool.start() first")
         loop = asyncio.get_running_loop()
@@ -512,7 +339,7 @@ class DetectorPool:
                 continue
             job.attempts += 1
             worker.in_flight.add(job_id)
-            worker.tasks.put((job_id, job.payload))
+            worker.tasks.put(FrameJob(job_id, job.payload))
 
     # --- the monitor thread ------------------------------------------------------------------
 
@@ -523,7 +350,7 @@ class DetectorPool:
                 by_sentinel = {w.process.sentinel: w for w in self._workers}
             waitables: list[Any] = [*by_conn, *by_sentinel]
             try:
-                ready = multiprocessing.connection.wait(waitables, timeout=_POLL_S)
+                ready = multiprocessing.connection.wait(waitables, timeout=POLL_S)
             except OSError:  # a channel closed under us during a replacement
                 continue
             dead: list[_Worker] = []
@@ -548,41 +375,53 @@ class DetectorPool:
             return False
         return True
 
-    def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "done":
-            _, job_id, result, error = message
-            with self._lock:
-                worker.in_flight.discard(job_id)
-                job = self._jobs.pop(job_id, None)
-                self._batch_sizes[1] += 1
-                if error is None:
-                    self._completed += 1
-                else:
-                    self._failed += 1
-                self._dispatch_locked()
-            if job is not None:
-                self._settle(job, result, error)
-        elif kind == "ready":
-            with self._lock:
-                worker.ready = True
-                self._crash_streak[worker.index] = 0
-                if self._info is None:
-                    self._info = message[1]
-                if len(self._workers) == self._processes and all(w.ready for w in self._workers):
-                    self._all_ready.set()
-                    self._ever_ready = True
-                self._dispatch_locked()
-            log.info(
-                "detector worker %d ready (pid %s) in %.1f s",
+    def _on_message(self, worker: _Worker, message: FromWorker) -> None:
+        if isinstance(message, Done | Failed):
+            self._on_answer(worker, message)
+        elif isinstance(message, Ready):
+            self._on_ready(worker, message)
+        elif isinstance(message, StartFailed):
+            self._fatal = f"{message.error_type}: {message.message}"
+            log.error(
+                "detector worker %d cannot load the model: %s: %s",
                 worker.index,
-                worker.process.pid,
-                time.monotonic() - worker.started_at,
+                message.error_type,
+                message.message,
             )
-        elif kind == "fatal":
-            _, name, text = message
-            self._fatal = f"{name}: {text}"
-            log.error("detector worker %d cannot load the model: %s: %s", worker.index, name, text)
+
+    def _on_answer(self, worker: _Worker, message: Done | Failed) -> None:
+        with self._lock:
+            worker.in_flight.discard(message.job_id)
+            job = self._jobs.pop(message.job_id, None)
+            self._batch_sizes[1] += 1
+            if isinstance(message, Done):
+                self._completed += 1
+            else:
+                self._failed += 1
+            self._dispatch_locked()
+        if job is None:
+            return
+        if isinstance(message, Done):
+            self._settle(job, message.detections, None)
+        else:
+            self._settle(job, None, message.error)
+
+    def _on_ready(self, worker: _Worker, message: Ready) -> None:
+        with self._lock:
+            worker.ready = True
+            self._crash_streak[worker.index] = 0
+            if self._info is None:
+                self._info = message.info
+            if len(self._workers) == self._processes and all(w.ready for w in self._workers):
+                self._all_ready.set()
+                self._ever_ready = True
+            self._dispatch_locked()
+        log.info(
+            "detector worker %d ready (pid %s) in %.1f s",
+            worker.index,
+            worker.process.pid,
+            time.monotonic() - worker.started_at,
+        )
 
     def _on_death(self, worker: _Worker) -> None:
         worker.process.join(0.5)
@@ -653,11 +492,11 @@ class DetectorPool:
 
     def _spawn(self, index: int) -> _Worker:
         assert self._factory is not None
-        tasks: multiprocessing.Queue[tuple[int, bytes | _RawFrame] | None] = self._ctx.Queue()
+        tasks: multiprocessing.Queue[ToWorker] = self._ctx.Queue()
         receive, send = self._ctx.Pipe(duplex=False)
         stop = self._ctx.Event()
         process = self._ctx.Process(
-            target=_worker_main,
+            target=worker_main,
             args=(
                 index,
                 self._factory,
