@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from inference_service.adapters.kafka import kafka_ready, open_kafka
+from inference_service.adapters.kafka import kafka_ready, message_limits, open_kafka
 from inference_service.adapters.s3 import S3FrameStore
 from inference_service.errors import ConfigError, InferenceError
 from inference_service.http_api import Readiness, build_app
@@ -135,6 +135,7 @@ async def serve(settings: Settings) -> int:
         if not await wait_for(kafka_what, check_kafka, stop, settings.startup_timeout_s):
             return 0
         deps["kafka"] = True
+        processor.limits = await asyncio.to_thread(message_limits, settings)
         if not await wait_for(s3_what, check_s3, stop, settings.startup_timeout_s):
             return 0
         deps["s3"] = True

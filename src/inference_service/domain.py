@@ -212,6 +212,8 @@ class Outcome:
     status: str
     """``ok`` or the error code, for metrics."""
     timings_ms: dict[str, float] = field(default_factory=dict)
+    payload: bytes | None = None
+    """``result`` encoded as strict JSON, checked against the topic's size limit."""
 
 
 @dataclass(frozen=True, slots=True)

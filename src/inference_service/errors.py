@@ -9,7 +9,9 @@ Every failure is an :class:`InferenceError`. Callers test the class flags, not l
     │   ├── FrameNotFoundError         (code: frame_not_found)
     │   ├── UndecodableFrameError      (code: undecodable_frame)
     │   ├── FrameTooLargeError         (code: frame_too_large)
-    │   └── InferenceFailedError       (code: inference_failed)
+    │   ├── InferenceFailedError       (code: inference_failed)
+    │   ├── ResultTooLargeError        (code: result_too_large)
+    │   └── InternalError              (code: internal_error; a bug, caught at the record)
     ├── TransientError                 yes       no   the world is briefly unwell (S3 or Kafka down)
     │   ├── StoreUnavailableError
     │   ├── KafkaUnavailableError
@@ -27,6 +29,7 @@ Callers branch on ``retriable`` and ``poison``, not on lists of classes.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 
 class ErrorCode(StrEnum):
@@ -37,6 +40,8 @@ class ErrorCode(StrEnum):
     UNDECODABLE_FRAME = "undecodable_frame"
     FRAME_TOO_LARGE = "frame_too_large"
     INFERENCE_FAILED = "inference_failed"
+    RESULT_TOO_LARGE = "result_too_large"
+    INTERNAL_ERROR = "internal_error"
 
 
 class InferenceError(Exception):
@@ -63,6 +68,11 @@ class InvalidTaskError(TaskError):
     """The task record is not a valid task (not JSON, wrong types, missing fields)."""
 
     code = ErrorCode.INVALID_TASK
+
+    def __init__(self, message: str, *, readable: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.readable = readable
+        """What of the record could be read, for the identity of its error result."""
 
 
 class NotJsonError(InvalidTaskError):
@@ -91,6 +101,18 @@ class InferenceFailedError(TaskError):
     """The model failed on this frame, also after the retry on a fresh worker."""
 
     code = ErrorCode.INFERENCE_FAILED
+
+
+class ResultTooLargeError(TaskError):
+    """The task's result (or dead letter) is over the smallest message limit on its path."""
+
+    code = ErrorCode.RESULT_TOO_LARGE
+
+
+class InternalError(TaskError):
+    """Handling the record failed unexpectedly (a bug): the record still gets its result."""
+
+    code = ErrorCode.INTERNAL_ERROR
 
 
 class TransientError(InferenceError):

@@ -12,15 +12,32 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from inference_service import strict_json
 from inference_service.domain import DeadLetter, JsonObject, Outcome, Record, Task
-from inference_service.errors import InferenceError, InvalidTaskError, NotJsonError, TaskError
+from inference_service.errors import (
+    InferenceError,
+    InternalError,
+    InvalidTaskError,
+    NotJsonError,
+    ResultTooLargeError,
+    TaskError,
+)
 from inference_service.ports import AsyncDetector, FrameStore
 from inference_service.results import Identity, build_result, stage_timings
 from inference_service.tasks import decode_record, parse_task, partial_identity
 
 log = logging.getLogger(__name__)
+
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588
+"""Kafka's default ``message.max.bytes`` (broker) and ``max.message.bytes`` (topic)."""
+MESSAGE_OVERHEAD_BYTES = 512
+"""Room kept for a record's framing in its batch (lengths, timestamps, attributes)."""
+DLQ_MAX_VALUE_BYTES = 512 * 1024
+"""A dead letter keeps at most this many bytes of its record (header ``value.truncated``)."""
+MAX_OUT_KEY_BYTES = 4096
+"""Longest key a result or dead letter carries; a longer task key is cut (it names no video)."""
 
 
 @dataclass(slots=True)
@@ -60,8 +77,16 @@ class Backoff:
         return base * (0.5 + random.random() / 2)
 
 
+@dataclass(frozen=True, slots=True)
+class MessageLimits:
+    """The largest result and dead letter the output topics take (read from Kafka at start-up)."""
+
+    result_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    dead_letter_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+
+
 class TaskProcessor:
-    """Turns records into outcomes."""
+    """Turns records into outcomes; never raises for a record, whatever it holds."""
 
     def __init__(
         self,
@@ -70,32 +95,54 @@ class TaskProcessor:
         default_bucket: str,
         health: Health | None = None,
         backoff: Backoff | None = None,
+        limits: MessageLimits | None = None,
     ) -> None:
         self._store = store
         self._detector = detector
         self._default_bucket = default_bucket
         self.health = health or Health()
         self._backoff = backoff or Backoff()
+        self.limits = limits or MessageLimits()
         self.held_bytes = 0
         """Bytes of fetched frames held until the detector is done with them."""
 
-    async def oversized(self, record: Record, limit: int) -> Outcome:
+    async def handle(self, record: Record, max_task_bytes: int) -> Outcome:
+        """The outcome of ``record``. A failure of this code itself stays within the record: it
+        becomes an ``internal_error`` result and dead letter, logged with its traceback."""
+        try:
+            if record.size > max_task_bytes:
+                return self.oversized(record, max_task_bytes)
+            return await self.process(record)
+        except Exception as exc:  # the record's boundary: nothing may escape into the loop
+            log.exception(
+                "internal error on %s[%d]@%d", record.topic, record.partition, record.offset
+            )
+            return self.internal_error(record, exc)
+
+    def oversized(self, record: Record, limit: int) -> Outcome:
         """The outcome of a record over ``limit`` bytes: an ``invalid_task`` error result."""
-        size = len(record.value or b"")
         exc = InvalidTaskError(
-            f"the task record is {size} bytes, over the limit of {limit} (INFERENCE_MAX_TASK_BYTES)"
+            f"the task record is {record.size} bytes, over the limit of {limit} "
+            "(INFERENCE_MAX_TASK_BYTES)"
         )
         try:
-            obj = decode_record(record.value)
+            obj: JsonObject | None = decode_record(record.value)
         except NotJsonError:
-            return Outcome(
-                key=record.key,
-                result=None,
-                dead_letter=self._dead_letter(record, exc),
-                status=str(exc.code),
-            )
+            return self._dead_letter_only(record, exc)
+        except InvalidTaskError as bad:
+            obj = bad.readable
         identity = partial_identity(obj, record.key, self._default_bucket)
         return self._failed(record, identity, exc, stage_timings(None, total_ms=0.0))
+
+    def internal_error(self, record: Record, exc: BaseException) -> Outcome:
+        """The outcome of a record whose handling raised ``exc`` unexpectedly."""
+        error = InternalError(f"internal error while handling the task: {type(exc).__name__}")
+        identity = partial_identity(None, record.key, self._default_bucket)
+        try:
+            return self._failed(record, identity, error, stage_timings(None, total_ms=0.0))
+        except Exception:
+            log.exception("the internal_error result itself failed; dead letter only")
+            return self._dead_letter_only(record, error)
 
     async def process(self, record: Record) -> Outcome:
         started = time.perf_counter()
@@ -104,14 +151,10 @@ class TaskProcessor:
             obj = decode_record(record.value)
             task = parse_task(obj, self._default_bucket)
         except NotJsonError as exc:
-            return Outcome(
-                key=record.key,
-                result=None,
-                dead_letter=self._dead_letter(record, exc),
-                status=str(exc.code),
-            )
+            return self._dead_letter_only(record, exc)
         except InvalidTaskError as exc:
-            identity = partial_identity(obj, record.key, self._default_bucket)
+            readable = obj if obj is not None else exc.readable
+            identity = partial_identity(readable, record.key, self._default_bucket)
             timings = stage_timings(None, total_ms=_ms_since(started))
             return self._failed(record, identity, exc, timings)
         return await self._run(record, task, started)
@@ -141,13 +184,17 @@ class TaskProcessor:
             queue_ms=max(0.0, _ms_since(t1) - worked_ms),
             total_ms=_ms_since(started),
         )
-        result = build_result(identity, self._detector.info, timings, found=found)
+        result = build_result(identity, self._detector.info, timings, found=found).to_dict()
+        payload = self._fitting(record, result)
+        if payload is None:
+            return self._too_large(record, identity, timings, len(strict_json.dumps(result)))
         return Outcome(
-            key=record.key,
-            result=result.to_dict(),
+            key=_out_key(record),
+            result=result,
             dead_letter=None,
             status="ok",
             timings_ms=timings,
+            payload=payload,
         )
 
     async def _fetch(self, task: Task) -> bytes:
@@ -172,7 +219,10 @@ class TaskProcessor:
         exc: TaskError,
         timings: dict[str, float],
     ) -> Outcome:
-        result = build_result(identity, self._detector.info, timings, error=exc)
+        result = build_result(identity, self._detector.info, timings, error=exc).to_dict()
+        payload = self._fitting(record, result)
+        if payload is None:
+            return self._too_large(record, identity, timings, len(strict_json.dumps(result)))
         log.info(
             "task at %s[%d]@%d failed: %s: %s",
             record.topic,
@@ -182,26 +232,80 @@ class TaskProcessor:
             exc.message,
         )
         return Outcome(
-            key=record.key,
-            result=result.to_dict(),
+            key=_out_key(record),
+            result=result,
             dead_letter=self._dead_letter(record, exc),
             status=str(exc.code),
             timings_ms=timings,
+            payload=payload,
         )
 
-    @staticmethod
-    def _dead_letter(record: Record, exc: TaskError) -> DeadLetter:
-        return DeadLetter(
-            key=record.key,
-            value=record.value,
-            headers=[
-                ("error.code", str(exc.code).encode()),
-                ("error.message", exc.message.encode("utf-8", "replace")[:4096]),
-                ("source.topic", record.topic.encode()),
-                ("source.partition", str(record.partition).encode()),
-                ("source.offset", str(record.offset).encode()),
-            ],
+    def _too_large(
+        self, record: Record, identity: Identity, timings: dict[str, float], size: int
+    ) -> Outcome:
+        """A ``result_too_large`` error result without the copied bulk (``meta``, detections)."""
+        exc = ResultTooLargeError(
+            f"the result would be {size} bytes, over the {self.limits.result_bytes} bytes the "
+            "results topic takes (its max.message.bytes or the producer's message.max.bytes); "
+            "meta and detections are left out"
         )
+        slim = replace(identity, meta=None)
+        return self._failed(record, slim, exc, timings)
+
+    def _fitting(self, record: Record, result: JsonObject) -> bytes | None:
+        """``result`` as strict JSON, or None when it would not fit the results topic."""
+        payload = strict_json.dumps(result)
+        if len(payload) + len(_out_key(record) or b"") + MESSAGE_OVERHEAD_BYTES > (
+            self.limits.result_bytes
+        ):
+            return None
+        return payload
+
+    def _dead_letter_only(self, record: Record, exc: TaskError) -> Outcome:
+        log.info(
+            "record %s[%d]@%d has no usable task: %s",
+            record.topic, record.partition, record.offset, exc.message,
+        )  # fmt: skip
+        return Outcome(
+            key=_out_key(record),
+            result=None,
+            dead_letter=self._dead_letter(record, exc),
+            status=str(exc.code),
+        )
+
+    def _dead_letter(self, record: Record, exc: TaskError) -> DeadLetter:
+        """The record's copy with headers saying why; its value cut to fit the DLQ topic."""
+        key = _out_key(record)
+        headers: list[tuple[str, bytes]] = [
+            ("error.code", str(exc.code).encode()),
+            ("error.message", _header_text(exc.message)),
+            ("source.topic", record.topic.encode()),
+            ("source.partition", str(record.partition).encode()),
+            ("source.offset", str(record.offset).encode()),
+        ]
+        room = (
+            self.limits.dead_letter_bytes
+            - MESSAGE_OVERHEAD_BYTES
+            - len(key or b"")
+            - sum(len(k) + len(v) + 64 for k, v in headers)
+        )
+        value = record.value
+        room = max(0, min(room, DLQ_MAX_VALUE_BYTES))
+        if value is not None and len(value) > room:
+            headers.append(("value.truncated", str(len(value)).encode()))
+            value = value[:room]
+        return DeadLetter(key=key, value=value, headers=headers)
+
+
+def _out_key(record: Record) -> bytes | None:
+    """The key of a record's result and dead letter: the task's own, cut when absurdly long."""
+    key = record.key
+    return key if key is None or len(key) <= MAX_OUT_KEY_BYTES else key[:MAX_OUT_KEY_BYTES]
+
+
+def _header_text(message: str) -> bytes:
+    """A header value in valid UTF-8 (lone surrogates replaced), at most 4 KiB."""
+    return message.encode("utf-8", "replace")[:4096].decode("utf-8", "ignore").encode()
 
 
 def _ms_since(t0: float) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from inference_service import strict_json
 from inference_service.domain import JsonObject, Task
 from inference_service.errors import InvalidTaskError, NotJsonError
 from inference_service.results import Identity
@@ -21,16 +22,39 @@ MAX_ID_CHARS = 512
 
 
 def decode_record(value: bytes | None) -> JsonObject:
-    """The record's JSON object; raises :class:`NotJsonError` otherwise."""
+    """The record's JSON object.
+
+    Raises :class:`NotJsonError` for a value that is not a JSON object, and ``InvalidTaskError``
+    (with what could be read) for JSON a strict reader would refuse: NaN, Infinity, numbers that
+    overflow, lone surrogates, nesting deeper than :data:`~inference_service.strict_json.MAX_DEPTH`.
+    """
     if value is None:
         raise NotJsonError("the record has no value (tombstone)")
     try:
         obj = json.loads(value)
+    except RecursionError:
+        obj = _loads_pruned(value)
+        raise InvalidTaskError(
+            f"the record nests deeper than {strict_json.MAX_DEPTH} levels", readable=obj
+        ) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise NotJsonError(f"the record is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise NotJsonError(f"the record is JSON but not an object (got {type(obj).__name__})")
+    try:
+        strict_json.check(obj)
+    except strict_json.StrictJsonError as exc:
+        raise InvalidTaskError(f"the record is not strict JSON: {exc}", readable=obj) from None
     return obj
+
+
+def _loads_pruned(value: bytes) -> JsonObject | None:
+    """The top-level fields of a record nested too deep to parse, deep containers as null."""
+    try:
+        obj = json.loads(strict_json.prune(value))
+    except (RecursionError, UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def parse_task(obj: JsonObject, default_bucket: str) -> Task:
@@ -120,27 +144,40 @@ def partial_identity(obj: JsonObject | None, key: bytes | None, default_bucket: 
     Fields of the wrong type are dropped (None); the video id falls back to the record key.
     """
     obj = obj or {}
-    video_id = obj.get("video_id")
-    if not isinstance(video_id, str):
+    video_id = _text(obj.get("video_id"))
+    if video_id is None:
         video_id = key.decode("utf-8", "replace") if key else ""
     frame_id = obj.get("frame_id")
     if isinstance(frame_id, bool) or not isinstance(frame_id, int) or frame_id < 0:
         frame_id = None
     s3_key: str | None = None
     for alias in KEY_ALIASES:
-        if isinstance(found := obj.get(alias), str):
+        if (found := _text(obj.get(alias))) is not None:
             s3_key = found
             break
-    bucket = obj.get("bucket")
-    task_id = obj.get("task_id")
-    if not isinstance(task_id, str):
+    bucket = _text(obj.get("bucket"))
+    task_id = _text(obj.get("task_id"))
+    if task_id is None:
         task_id = f"{video_id}:{frame_id}" if frame_id is not None else None
     meta = obj.get("meta")
+    if not strict_json.is_strict(meta):
+        meta = None  # an error result stays strict JSON: the bad meta is in the dead letter
     return Identity(
         task_id=task_id,
         video_id=video_id,
         frame_id=frame_id,
-        bucket=bucket if isinstance(bucket, str) and bucket else default_bucket,
+        bucket=bucket or default_bucket,
         s3_key=s3_key,
         meta=meta if isinstance(meta, dict) else None,
     )
+
+
+def _text(value: object) -> str | None:
+    """``value`` if it is a string that strict JSON can carry (valid Unicode), else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value

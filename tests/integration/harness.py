@@ -20,15 +20,16 @@ import cv2
 import jsonschema
 import numpy as np
 
-from inference_service import schemas
+from inference_service import schemas, strict_json
+from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[2]
-TEST_MODEL = Path(os.environ.get("INFERENCE_TEST_MODEL", ROOT / "models" / "test" / "best.pt"))
+TEST_MODEL = Path(os.environ.get("INFERENCE_TEST_MODEL", conftest.TEST_MODEL))
 
 
 def render_jpegs(n: int, seed: int = 0, width: int = 320, height: int = 240) -> list[bytes]:
     """``n`` JPEG frames with objects of the test model's classes."""
-    import synthetic as synth  # scripts/ is on pytest's pythonpath
+    from inference_devtools import synthetic as synth
 
     rng = np.random.default_rng(seed)
     out = []
@@ -212,8 +213,9 @@ class Pipeline:
                 if msg is None or msg.error():
                     continue
                 value = msg.value() or b""
-                try:
-                    parsed: dict[str, Any] | bytes = json.loads(value)
+                try:  # strict RFC 8259: what any downstream reader must be able to read
+                    parsed: dict[str, Any] | bytes = json.loads(value.decode("utf-8"))
+                    strict_json.check(parsed, max_depth=1000)
                 except ValueError:
                     parsed = value
                 raw_headers: Any = msg.headers() or []

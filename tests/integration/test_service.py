@@ -226,6 +226,53 @@ def test_bad_tasks_and_frames_get_error_results_and_dead_letters(
     assert svc.get("/healthz")[0] == 200
 
 
+@pytest.mark.parametrize("delivery", ["exactly_once", "at_least_once"])
+def test_poison_records_never_stop_the_service(
+    pipeline: Pipeline, s3_client: Any, kafka_admin: Any, delivery: str
+) -> None:
+    """Records that crashed the loop or aborted its transactions forever, between good tasks."""
+    from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
+
+    resource = ConfigResource(
+        "topic", pipeline.tasks_topic, set_config={"max.message.bytes": "8388608"}
+    )
+    for f in kafka_admin.alter_configs([resource]).values():
+        f.result(timeout=30)
+    s3_client.put_object(Bucket=pipeline.bucket, Key="ok.jpg", Body=render_jpegs(1, seed=4)[0])
+    ids = '"video_id": "p", "frame_id": %d, "s3_key": "ok.jpg"'
+    bad: list[tuple[bytes, str | None]] = [
+        (("[" * 1000 + "]" * 1000).encode(), None),  # 2 KB nested 1,000 deep
+        (("{" + ids % 1 + ', "meta": ' + "[" * 5000 + "]" * 5000 + "}").encode(), "invalid_task"),
+        (("{" + ids % 2 + ', "meta": {"x": NaN}}').encode(), "invalid_task"),
+        (("{" + ids % 3 + ', "meta": {"x": 1e999}}').encode(), "invalid_task"),
+        (("{" + ids % 4 + ', "task_id": "\\ud800"}').encode(), "invalid_task"),
+        # 1.6 MB of UTF-8 (under the task limit below), over the results topic's 1 MB
+        (json.dumps({"video_id": "p", "frame_id": 5, "s3_key": "ok.jpg",
+                     "meta": {"blob": "\U0001f600" * 400_000}},
+                    ensure_ascii=False).encode(), "result_too_large"),
+    ]  # fmt: skip
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for i, (value, _code) in enumerate(bad):
+        records.append((b"p", value))
+        records.append(task("g", i, "ok.jpg"))
+    pipeline.produce(records)
+    svc = pipeline.service(INFERENCE_DELIVERY=delivery, INFERENCE_MAX_TASK_BYTES=str(4 << 20))
+    svc.wait_ready()
+    expected = len(bad) + sum(1 for _v, code in bad if code is not None)
+    raw = pipeline.read(pipeline.results_topic, expected=expected, settle_s=3)
+    results = results_of(raw)  # every one parsed as strict JSON and valid against the schema
+    codes = Counter(r["error"]["code"] for r in results if r["status"] == "error")
+    assert codes == Counter(code for _v, code in bad if code is not None), codes
+    assert sorted(r["frame_id"] for r in results if r["video_id"] == "g") == list(range(len(bad)))
+    too_large = next(r for r in results if r["status"] == "error" and r["frame_id"] == 5)
+    assert too_large["meta"] is None
+    dlq = pipeline.read(pipeline.dlq_topic, expected=len(bad), settle_s=2)
+    assert len(dlq) == len(bad)
+    assert svc.proc is not None and svc.proc.poll() is None, "the service stays up"
+    assert svc.get("/healthz")[0] == 200
+    assert svc.get("/readyz")[0] == 200
+
+
 def stack(*args: str) -> None:
     subprocess.run([str(ROOT / "scripts" / "stack"), *args], check=True, stdout=subprocess.DEVNULL,
                    stdin=subprocess.DEVNULL, timeout=300)  # fmt: skip

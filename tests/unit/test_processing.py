@@ -126,7 +126,7 @@ def test_oversized_record():
     big = json.dumps(
         {"video_id": "v1", "frame_id": 9, "s3_key": "a.jpg", "pad": "x" * 5000}
     ).encode()
-    out = run(processor(FakeStore({})).oversized(record(big), 1024))
+    out = processor(FakeStore({})).oversized(record(big), 1024)
     assert out.result["error"]["code"] == "invalid_task"
     assert "INFERENCE_MAX_TASK_BYTES" in out.result["error"]["message"]
     assert out.result["frame_id"] == 9

@@ -167,11 +167,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ records in
     def _start(self, record: Record) -> None:
-        limit = self._config.max_task_bytes
-        if record.size > limit:
-            work = asyncio.ensure_future(self._processor.oversized(record, limit))
-        else:
-            work = asyncio.ensure_future(self._processor.process(record))
+        work = asyncio.ensure_future(self._processor.handle(record, self._config.max_task_bytes))
         self._inflight.add(record.source, record.offset, work, record.size)
 
     async def _apply_backpressure(self) -> None:

@@ -15,6 +15,7 @@ from inference_service.adapters.kafka.acknowledging import AcknowledgingSink
 from inference_service.adapters.kafka.config import (
     client_config,
     kafka_ready,
+    message_limits,
     reader_config,
     writer_config,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "TransactionalSink",
     "client_config",
     "kafka_ready",
+    "message_limits",
     "open_kafka",
     "reader_config",
     "writer_config",

@@ -7,16 +7,20 @@ benchmarks all build their librdkafka configuration here, so brokers and securit
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined]
 
 from inference_service.errors import ConfigError, KafkaUnavailableError
+from inference_service.processing import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, MessageLimits
 from inference_service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 FETCH_QUEUE_KBYTES = 16384
 """librdkafka's prefetch per consumer is capped here, so memory stays flat under a backlog."""
@@ -98,6 +102,38 @@ def reader_config(settings: Settings, group_id: str, **extra: Any) -> dict[str, 
         "isolation.level": "read_committed",
         **extra,
     }
+
+
+def message_limits(settings: Settings, timeout: float = 10.0) -> MessageLimits:
+    """The largest result and dead letter the output topics take: the smaller of the producer's
+    ``message.max.bytes`` and each topic's ``max.message.bytes`` (the broker's default where a
+    topic does not exist yet or cannot be described)."""
+    admin = AdminClient(client_config(settings))
+    topics = {"result": settings.results_topic, "dead_letter": settings.dlq_topic}
+    found: dict[str, int] = {}
+    resources = [ConfigResource(ResourceType.TOPIC, name) for name in topics.values()]
+    futures = admin.describe_configs(resources, request_timeout=timeout)
+    for resource, future in futures.items():
+        try:
+            entry = future.result(timeout=timeout).get("max.message.bytes")
+        except KafkaException as exc:
+            log.info("topic %s: max.message.bytes not read (%s); using Kafka's default",
+                     resource.name, exc)  # fmt: skip
+            continue
+        if entry is not None and entry.value is not None:
+            found[resource.name] = int(entry.value)
+    default = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    limits = MessageLimits(
+        result_bytes=min(PRODUCER_MAX_MESSAGE_BYTES, found.get(topics["result"], default)),
+        dead_letter_bytes=min(
+            PRODUCER_MAX_MESSAGE_BYTES, found.get(topics["dead_letter"], default)
+        ),
+    )
+    log.info(
+        "largest message: %d bytes to %s, %d bytes to %s",
+        limits.result_bytes, topics["result"], limits.dead_letter_bytes, topics["dead_letter"],
+    )  # fmt: skip
+    return limits
 
 
 def kafka_ready(settings: Settings, timeout: float = 5.0) -> None:

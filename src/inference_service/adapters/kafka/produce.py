@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from confluent_kafka import Producer
 
+from inference_service import strict_json
 from inference_service.domain import Finished
 from inference_service.settings import Settings
-
-DLQ_MAX_VALUE_BYTES = 512 * 1024
-"""A dead letter larger than this keeps only its first bytes (header ``value.truncated``)."""
 
 Headers = list[tuple[str, str | bytes | None]]
 DeliveryCallback = Callable[..., None]
@@ -27,17 +24,15 @@ def produce_outcome(
     outcome = item.outcome
     sent = 0
     if outcome.result is not None:
-        value = json.dumps(outcome.result, separators=(",", ":")).encode()
+        value = outcome.payload
+        if value is None:
+            value = strict_json.dumps(outcome.result)
         _produce(producer, settings.results_topic, outcome.key, value, None, on_delivery)
         sent += 1
     if outcome.dead_letter is not None:
         dl = outcome.dead_letter
-        dl_value = dl.value
         headers: Headers = list(dl.headers)
-        if dl_value is not None and len(dl_value) > DLQ_MAX_VALUE_BYTES:
-            headers.append(("value.truncated", str(len(dl_value)).encode()))
-            dl_value = dl_value[:DLQ_MAX_VALUE_BYTES]
-        _produce(producer, settings.dlq_topic, dl.key, dl_value, headers, on_delivery)
+        _produce(producer, settings.dlq_topic, dl.key, dl.value, headers, on_delivery)
         sent += 1
     return sent
 
