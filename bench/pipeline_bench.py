@@ -57,11 +57,19 @@ def _env(name: str) -> str:
     return value
 
 
+def _client(bootstrap: str) -> dict[str, Any]:
+    """Brokers and security as every client of the project has them (adapters.kafka.config)."""
+    from inference_service.adapters.kafka import client_config
+    from inference_service.settings import load_settings
+
+    return client_config(load_settings({"kafka_bootstrap_servers": bootstrap}))
+
+
 def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({**_client(bootstrap)})
     futures = admin.create_topics(
         [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names]
     )
@@ -92,7 +100,7 @@ def upload(bucket: str, frames: list[bytes], count: int, prefix: str) -> list[tu
 def produce(bootstrap: str, topic: str, tasks: list[tuple[bytes, bytes]]) -> None:
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    producer = Producer({**_client(bootstrap), "linger.ms": 5})
     for key, value in tasks:
         producer.produce(topic, key=key, value=value)
         producer.poll(0)
@@ -106,7 +114,7 @@ def read_until(
     from confluent_kafka import Consumer
 
     consumer = Consumer({
-        "bootstrap.servers": bootstrap,
+        **_client(bootstrap),
         "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}",
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
@@ -290,10 +298,10 @@ async def _reference_loop(model: Path, tasks_topic: str, results_topic: str, boo
 
     store = S3Store(bucket, endpoint=_env("INFERENCE_S3_ENDPOINT_URL"), region="us-east-1",
                     client_options={"allow_http": True}, virtual_hosted_style_request=False)  # fmt: skip
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ref-{uuid.uuid4().hex[:6]}",
+    consumer = Consumer({**_client(bootstrap), "group.id": f"ref-{uuid.uuid4().hex[:6]}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": True})  # fmt: skip
     consumer.subscribe([tasks_topic])
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    producer = Producer({**_client(bootstrap), "linger.ms": 5})
     loop = asyncio.get_running_loop()
     ctx = multiprocessing.get_context("spawn")
     limit = asyncio.Semaphore(8)

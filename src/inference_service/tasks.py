@@ -34,9 +34,10 @@ def decode_record(value: bytes | None) -> JsonObject:
         obj = json.loads(value)
     except RecursionError:
         obj = _loads_pruned(value)
-        raise InvalidTaskError(
-            f"the record nests deeper than {strict_json.MAX_DEPTH} levels", readable=obj
-        ) from None
+        too_deep = f"the record nests deeper than {strict_json.MAX_DEPTH} levels"
+        if obj is None:  # not an object even when pruned: nothing to answer to
+            raise NotJsonError(f"{too_deep} and is not a JSON object") from None
+        raise InvalidTaskError(too_deep, readable=obj) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise NotJsonError(f"the record is not JSON: {exc}") from None
     if not isinstance(obj, dict):

@@ -216,7 +216,7 @@ class Pipeline:
                 try:  # strict RFC 8259: what any downstream reader must be able to read
                     parsed: dict[str, Any] | bytes = json.loads(value.decode("utf-8"))
                     strict_json.check(parsed, max_depth=1000)
-                except ValueError:
+                except (ValueError, RecursionError):  # dead letters hold what tasks held
                     parsed = value
                 raw_headers: Any = msg.headers() or []
                 headers = [(str(k), v if isinstance(v, bytes) else b"") for k, v in raw_headers]

@@ -91,6 +91,11 @@ def test_a_nesting_bomb_as_the_whole_record_is_a_dead_letter_not_a_crash(
     value = nested(depth) if kind == "array" else '{"a":' * depth + "0" + "}" * depth
     out = handle(value.encode())
     assert out.status == "invalid_task"
+    assert out.dead_letter is not None
+    if kind == "array":  # not a JSON object: nothing to answer to, a dead letter only
+        assert out.result is None
+    else:  # an object without usable ids: a result keyed by the record
+        assert out.result is not None and out.result["video_id"] == "video-key"
     assert_strict(out)
 
 
