@@ -44,19 +44,19 @@ def check(value: Any, max_depth: int = MAX_DEPTH) -> None:
         item, depth, path = stack.pop()
         if isinstance(item, dict):
             if depth > max_depth:
-                raise StrictJsonError(f"{path} nests deeper than {max_depth} levels")
+                raise StrictJsonError(f"{_path(path)} nests deeper than {max_depth} levels")
             for key, child in item.items():
                 _check_text(key, f"a key of {path}")
                 stack.append((child, depth + 1, f"{path}.{_short(key)}"))
         elif isinstance(item, list):
             if depth > max_depth:
-                raise StrictJsonError(f"{path} nests deeper than {max_depth} levels")
+                raise StrictJsonError(f"{_path(path)} nests deeper than {max_depth} levels")
             stack.extend((child, depth + 1, f"{path}[{i}]") for i, child in enumerate(item))
         elif isinstance(item, str):
-            _check_text(item, path)
+            _check_text(item, _path(path))
         elif isinstance(item, float) and not math.isfinite(item):
             raise StrictJsonError(
-                f"{path} is {item!r}: JSON has no NaN or Infinity (and 1e999 overflows)"
+                f"{_path(path)} is {item!r}: JSON has no NaN or Infinity (and 1e999 overflows)"
             )
 
 
@@ -118,6 +118,11 @@ def _check_text(text: str, where: str) -> None:
         raise StrictJsonError(
             f"{where} holds a lone UTF-16 surrogate (not valid Unicode)"
         ) from None
+
+
+def _path(path: str) -> str:
+    """A JSON path short enough for a message (deep paths keep their ends)."""
+    return path if len(path) <= 80 else f"{path[:40]}...{path[-30:]}"
 
 
 def _short(key: str) -> str:

@@ -146,7 +146,7 @@ def partial_identity(obj: JsonObject | None, key: bytes | None, default_bucket: 
     """
     obj = obj or {}
     video_id = _text(obj.get("video_id"))
-    if video_id is None:
+    if not video_id:  # missing, empty or unusable: the record key names the video
         video_id = key.decode("utf-8", "replace") if key else ""
     frame_id = obj.get("frame_id")
     if isinstance(frame_id, bool) or not isinstance(frame_id, int) or frame_id < 0:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -235,3 +236,16 @@ def task(video: str, frame: int, key: str | None = None, **extra: Any) -> tuple[
                             "s3_key": key or f"{video}/{frame:06d}.jpg"}  # fmt: skip
     body.update(extra)
     return video.encode(), json.dumps(body).encode()
+
+
+def bomb_jpeg(jpeg: bytes, width: int = 60000, height: int = 60000) -> bytes:
+    """A real JPEG whose frame header claims ``width`` × ``height`` pixels."""
+    data = bytearray(jpeg)
+    i = 2
+    while i < len(data):
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2):
+            data[i + 5 : i + 9] = struct.pack(">HH", height, width)
+            return bytes(data)
+        i += 2 + length
+    raise AssertionError("no SOF marker")

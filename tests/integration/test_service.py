@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import struct
 import subprocess
 import time
 from collections import Counter, defaultdict
@@ -13,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import ROOT, Pipeline, render_jpegs, task, validate_result
+from tests.integration.harness import (
+    ROOT,
+    Pipeline,
+    bomb_jpeg,
+    render_jpegs,
+    task,
+    validate_result,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.model, pytest.mark.slow]
 
@@ -146,19 +152,6 @@ def test_replica_killed_mid_stream_loses_nothing(
         # Only what was in flight (published, offsets not yet committed) may repeat.
         assert duplicates <= 2 * 16, duplicates
     assert all(r["status"] == "ok" for r in results)
-
-
-def bomb_jpeg(jpeg: bytes, width: int = 60000, height: int = 60000) -> bytes:
-    """A real JPEG whose frame header claims ``width`` × ``height`` pixels."""
-    data = bytearray(jpeg)
-    i = 2
-    while i < len(data):
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
-        if marker in (0xC0, 0xC1, 0xC2):
-            data[i + 5 : i + 9] = struct.pack(">HH", height, width)
-            return bytes(data)
-        i += 2 + length
-    raise AssertionError("no SOF marker")
 
 
 def test_bad_tasks_and_frames_get_error_results_and_dead_letters(
