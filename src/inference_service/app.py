@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -84,11 +85,14 @@ async def serve(settings: Settings) -> int:
     """Run the service until SIGTERM or SIGINT; 0 on a clean stop."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    stopping = threading.Event()
+    """The same request for the Kafka I/O thread, whose start-up retries must end on it."""
     pipeline: Pipeline | None = None
 
     def on_signal(signum: int) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
         stop.set()
+        stopping.set()
         if pipeline is not None:
             pipeline.stop()
 
@@ -147,12 +151,16 @@ async def serve(settings: Settings) -> int:
         )
         if stop.is_set():
             return 0
-        io, source, sink = open_kafka(settings, metrics)
+        io, source, sink = open_kafka(settings, metrics, processor.limits, stopping)
         pipeline = Pipeline(
             PipelineConfig.from_settings(settings), source, sink, processor, metrics
         )
         try:
             await pipeline.run()
+        except InferenceError as exc:
+            if not (exc.retriable and stop.is_set()):
+                raise
+            log.warning("stopped before Kafka was ready: %s", exc)
         finally:
             io.shutdown()
         log.info("stopped cleanly")

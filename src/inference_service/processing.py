@@ -185,9 +185,9 @@ class TaskProcessor:
             total_ms=_ms_since(started),
         )
         result = build_result(identity, self._detector.info, timings, found=found).to_dict()
-        payload = self._fitting(record, result)
-        if payload is None:
-            return self._too_large(record, identity, timings, len(strict_json.dumps(result)))
+        payload = strict_json.dumps(result)
+        if not self._fits(record, payload):
+            return self._too_large(record, identity, timings, len(payload))
         return Outcome(
             key=_out_key(record),
             result=result,
@@ -220,9 +220,9 @@ class TaskProcessor:
         timings: dict[str, float],
     ) -> Outcome:
         result = build_result(identity, self._detector.info, timings, error=exc).to_dict()
-        payload = self._fitting(record, result)
-        if payload is None:
-            return self._too_large(record, identity, timings, len(strict_json.dumps(result)))
+        payload = strict_json.dumps(result)
+        if not self._fits(record, payload):
+            return self._too_large(record, identity, timings, len(payload))
         log.info(
             "task at %s[%d]@%d failed: %s: %s",
             record.topic,
@@ -243,23 +243,34 @@ class TaskProcessor:
     def _too_large(
         self, record: Record, identity: Identity, timings: dict[str, float], size: int
     ) -> Outcome:
-        """A ``result_too_large`` error result without the copied bulk (``meta``, detections)."""
+        """A ``result_too_large`` error result without the copied bulk (``meta``, detections);
+        a dead letter alone if even that does not fit."""
         exc = ResultTooLargeError(
             f"the result would be {size} bytes, over the {self.limits.result_bytes} bytes the "
             "results topic takes (its max.message.bytes or the producer's message.max.bytes); "
             "meta and detections are left out"
         )
         slim = replace(identity, meta=None)
-        return self._failed(record, slim, exc, timings)
-
-    def _fitting(self, record: Record, result: JsonObject) -> bytes | None:
-        """``result`` as strict JSON, or None when it would not fit the results topic."""
+        result = build_result(slim, self._detector.info, timings, error=exc).to_dict()
         payload = strict_json.dumps(result)
-        if len(payload) + len(_out_key(record) or b"") + MESSAGE_OVERHEAD_BYTES > (
-            self.limits.result_bytes
-        ):
-            return None
-        return payload
+        if not self._fits(record, payload):
+            return self._dead_letter_only(record, exc)
+        log.info(
+            "task at %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc.message
+        )
+        return Outcome(
+            key=_out_key(record),
+            result=result,
+            dead_letter=self._dead_letter(record, exc),
+            status=str(exc.code),
+            timings_ms=timings,
+            payload=payload,
+        )
+
+    def _fits(self, record: Record, payload: bytes) -> bool:
+        """Whether ``payload`` fits the results topic with the record's key and framing."""
+        key = _out_key(record) or b""
+        return len(payload) + len(key) + MESSAGE_OVERHEAD_BYTES <= self.limits.result_bytes
 
     def _dead_letter_only(self, record: Record, exc: TaskError) -> Outcome:
         log.info(

@@ -19,6 +19,7 @@ from inference_service.results import Identity
 KEY_ALIASES = ("s3_key", "frame_path", "s3_path", "path")
 MAX_KEY_BYTES = 1024
 MAX_ID_CHARS = 512
+MAX_BUCKET_CHARS = 63
 
 
 def decode_record(value: bytes | None) -> JsonObject:
@@ -145,19 +146,19 @@ def partial_identity(obj: JsonObject | None, key: bytes | None, default_bucket: 
     Fields of the wrong type are dropped (None); the video id falls back to the record key.
     """
     obj = obj or {}
-    video_id = _text(obj.get("video_id"))
-    if not video_id:  # missing, empty or unusable: the record key names the video
-        video_id = key.decode("utf-8", "replace") if key else ""
+    video_id = _text(obj.get("video_id"), MAX_ID_CHARS)
+    if not video_id:  # missing, empty, too long or unusable: the record key names the video
+        video_id = key.decode("utf-8", "replace")[:MAX_ID_CHARS] if key else ""
     frame_id = obj.get("frame_id")
     if isinstance(frame_id, bool) or not isinstance(frame_id, int) or frame_id < 0:
         frame_id = None
     s3_key: str | None = None
     for alias in KEY_ALIASES:
-        if (found := _text(obj.get(alias))) is not None:
+        if (found := _text(obj.get(alias), MAX_KEY_BYTES)) is not None:
             s3_key = found
             break
-    bucket = _text(obj.get("bucket"))
-    task_id = _text(obj.get("task_id"))
+    bucket = _text(obj.get("bucket"), MAX_BUCKET_CHARS)
+    task_id = _text(obj.get("task_id"), MAX_ID_CHARS)
     if task_id is None:
         task_id = f"{video_id}:{frame_id}" if frame_id is not None else None
     meta = obj.get("meta")
@@ -173,9 +174,10 @@ def partial_identity(obj: JsonObject | None, key: bytes | None, default_bucket: 
     )
 
 
-def _text(value: object) -> str | None:
-    """``value`` if it is a string that strict JSON can carry (valid Unicode), else None."""
-    if not isinstance(value, str):
+def _text(value: object, max_chars: int) -> str | None:
+    """``value`` if it is a string of at most ``max_chars`` that strict JSON can carry (valid
+    Unicode), else None: an error result never repeats an unbounded field."""
+    if not isinstance(value, str) or len(value) > max_chars:
         return None
     try:
         value.encode("utf-8")

@@ -150,6 +150,8 @@ class FakeTransactionalSink:
         for f in finished:
             first.setdefault(f.partition, f.offset)
         mode = self.fail.pop(0) if self.fail else "ok"
+        if mode == "raise":
+            raise RuntimeError("a sink bug")
         if mode != "abort":
             self.topic.extend(finished)
             self.cycles.append((time.monotonic(), len(finished)))
@@ -438,4 +440,15 @@ def test_stop_finishes_in_flight_work_and_publishes_it() -> None:
         await asyncio.wait_for(task, 10)
 
     asyncio.run(scenario())
+    assert published(sink) == {(TOPIC, 0): list(range(n))}
+
+
+def test_a_sink_that_raises_fails_the_cycle_and_the_loop_goes_on() -> None:
+    n = 16
+    source = FakeSource({0: [task_value("v", i) for i in range(n)]})
+    sink = FakeTransactionalSink(source)
+    sink.fail = ["raise", "ok", "raise"]
+    pipeline = make_pipeline(source, sink, config(max_in_flight=4, max_poll_records=4))
+    asyncio.run(run_until(pipeline, lambda: len(sink.topic) == n))
+    assert len(source.seeks) == 2
     assert published(sink) == {(TOPIC, 0): list(range(n))}

@@ -277,3 +277,26 @@ def test_random_bytes_and_mutated_tasks_always_get_one_strict_outcome(seed: int)
     out = handle(value)
     assert out.status in {"ok", "invalid_task"}
     assert_strict(out)
+
+
+@pytest.mark.parametrize("where", ["key", "video_id", "task_id", "s3_key", "bucket"])
+def test_a_huge_identity_field_is_not_repeated_and_costs_no_time(where: str) -> None:
+    import time
+
+    huge = "v" * 900_000
+    task: dict[str, object] = {"video_id": "v", "frame_id": "bad", "s3_key": "v/1.jpg"}
+    key = b"video-key"
+    if where == "key":
+        key = huge.encode()
+        del task["video_id"]
+    else:
+        task[where] = huge
+    proc = TaskProcessor(Store(), Detector(), "frames", backoff=Backoff(0.001, 0.002))
+    record = Record("inference_tasks", 0, 7, key, json.dumps(task).encode())
+    started = time.perf_counter()
+    out = asyncio.run(proc.handle(record, MAX_TASK_BYTES * 2))
+    assert time.perf_counter() - started < 2.0
+    assert out.status == "invalid_task"
+    assert out.result is not None and out.payload is not None
+    assert len(out.payload) < 4096
+    assert_strict(out)

@@ -2,7 +2,7 @@
 
 ::
 
-    TaskSource.poll ─► TaskProcessor.process (one asyncio task per record) ─► InFlight lanes
+    TaskSource.poll ─► TaskProcessor.handle (one asyncio task per record) ─► InFlight lanes
          ▲  pause/resume (back-pressure)                                           │ finished
          │                                                                         ▼ prefix
          └──── seek (rewind) ◄── a failed cycle ◄── ResultSink.publish (one commit cycle)
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from inference_service.domain import Finished, Partition, Record
 from inference_service.metrics import Metrics
 from inference_service.pipeline.ordering import InFlight
-from inference_service.ports import ResultSink, TaskSource
+from inference_service.ports import Published, ResultSink, TaskSource
 from inference_service.processing import Backoff, TaskProcessor
 from inference_service.settings import Settings
 
@@ -196,7 +196,16 @@ class Pipeline:
     # ------------------------------------------------------------------ outcomes out
     async def _publish_finished(self) -> None:
         finished = [f for f in self._inflight.take_finished() if f.partition in self._assigned]
-        outcome = await self._sink.publish(finished)
+        try:
+            outcome = await self._sink.publish(finished)
+        except Exception:
+            # A sink that fails in a way it did not foresee must not end the service: the cycle
+            # counts as failed and its records are consumed again.
+            log.exception("publishing %d outcomes failed unexpectedly", len(finished))
+            first: dict[Partition, int] = {}
+            for f in finished:
+                first.setdefault(f.partition, f.offset)
+            outcome = Published(rewind=first)
         self._count(outcome.published)
         if not outcome.failed:
             self._failures = 0

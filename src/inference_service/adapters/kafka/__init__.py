@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from inference_service.adapters.kafka.acknowledging import AcknowledgingSink
 from inference_service.adapters.kafka.config import (
     client_config,
@@ -24,6 +26,7 @@ from inference_service.adapters.kafka.source import KafkaTaskSource
 from inference_service.adapters.kafka.transactional import TransactionalSink
 from inference_service.metrics import Metrics
 from inference_service.ports import ResultSink
+from inference_service.processing import MessageLimits
 from inference_service.settings import Settings
 
 __all__ = [
@@ -40,13 +43,18 @@ __all__ = [
 ]
 
 
-def open_kafka(settings: Settings, metrics: Metrics) -> tuple[KafkaIO, KafkaTaskSource, ResultSink]:
-    """The source and the delivery mode's sink, sharing one I/O thread (nothing connects yet)."""
+def open_kafka(
+    settings: Settings, metrics: Metrics, limits: MessageLimits, stopping: threading.Event
+) -> tuple[KafkaIO, KafkaTaskSource, ResultSink]:
+    """The source and the delivery mode's sink, sharing one I/O thread (nothing connects yet).
+
+    ``limits`` sizes the producer's batches; ``stopping`` ends the sink's start-up retries.
+    """
     io = KafkaIO()
     source = KafkaTaskSource(settings, io, metrics)
     sink: ResultSink
     if settings.delivery == "exactly_once":
-        sink = TransactionalSink(settings, io, source, metrics)
+        sink = TransactionalSink(settings, io, source, metrics, limits, stopping)
     else:
-        sink = AcknowledgingSink(settings, io, source, metrics)
+        sink = AcknowledgingSink(settings, io, source, metrics, limits)
     return io, source, sink

@@ -22,6 +22,7 @@ from inference_service.domain import Finished, Partition
 from inference_service.metrics import Metrics
 from inference_service.pipeline.acks import AckLedger
 from inference_service.ports import Published
+from inference_service.processing import MessageLimits
 from inference_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,31 +36,37 @@ class AcknowledgingSink:
     """:class:`~inference_service.ports.ResultSink` for ``at_least_once``."""
 
     def __init__(
-        self, settings: Settings, io: KafkaIO, source: KafkaTaskSource, metrics: Metrics
+        self,
+        settings: Settings,
+        io: KafkaIO,
+        source: KafkaTaskSource,
+        metrics: Metrics,
+        limits: MessageLimits | None = None,
     ) -> None:
         self._s = settings
+        self._limits = limits
         self._io = io
         self._source = source
         self._metrics = metrics
         self._ledger = AckLedger()
         self._producer: Producer | None = None
-        self._rewind: dict[Partition, int] = {}
-        """Refusals found while settling a revocation, for the next :meth:`publish` to report."""
 
     async def open(self) -> None:
-        self._producer = await self._io.call(Producer, service_producer_config(self._s, None))
+        self._producer = await self._io.call(
+            Producer, service_producer_config(self._s, None, self._limits)
+        )
 
     async def publish(self, finished: list[Finished]) -> Published:
-        if not finished and self._ledger.idle and not self._rewind:
+        if not finished and self._ledger.idle:
             return Published()
         return await self._io.call(self._publish, finished)
 
     def revoked(self, partitions: Sequence[Partition], *, lost: bool) -> None:
         if not lost:
-            self._rewind.update(self._settle(flush=True))
+            # Commit what the revoked partitions had acknowledged; the others settle as usual at
+            # the next publish (a refusal of theirs found by this flush stays in their lane).
+            self._settle(flush=True, partitions=partitions)
         self._ledger.forget(partitions)
-        for p in partitions:
-            self._rewind.pop(p, None)
 
     async def close(self) -> None:
         if self._producer is not None:
@@ -68,21 +75,32 @@ class AcknowledgingSink:
     # ------------------------------------------------------------------ on the I/O thread
     def _publish(self, finished: list[Finished]) -> Published:
         producer = self._require_producer()
+        producer.poll(0)  # serve the delivery reports that arrived since the last cycle
+        # Settle first: a partition with a refused message is rewound, and its finished records
+        # are not sent (they are consumed again from the rewound offset).
+        rewind = self._settle(flush=False)
+        sent: list[Finished] = []
         for f in finished:
+            if f.partition in rewind:
+                continue
+            messages = (f.outcome.result is not None) + (f.outcome.dead_letter is not None)
             # The ledger learns the record before its messages can be acknowledged.
-            self._ledger.sent(f.partition, f.offset, messages=_messages(f))
-            produce_outcome(producer, self._s, f, self._on_delivery(f.partition, f.offset))
+            generation = self._ledger.sent(f.partition, f.offset, messages=messages)
+            produce_outcome(
+                producer, self._s, f, self._on_delivery(f.partition, f.offset, generation)
+            )
+            sent.append(f)
         producer.poll(0)
-        rewind = {**self._rewind, **self._settle(flush=False)}
-        self._rewind.clear()
-        return Published(published=finished, rewind=rewind)
+        return Published(published=sent, rewind=rewind)
 
-    def _settle(self, *, flush: bool) -> dict[Partition, int]:
+    def _settle(
+        self, *, flush: bool, partitions: Sequence[Partition] | None = None
+    ) -> dict[Partition, int]:
         """Commit the acknowledged prefix; the partitions to rewind after a refused message."""
         producer = self._require_producer()
         if flush:
             producer.flush(FLUSH_ON_REVOKE_S)
-        settlement = self._ledger.settle()
+        settlement = self._ledger.settle(partitions)
         # Offsets whose commit failed (e.g. during a rebalance) are tried again every cycle.
         if settlement.commit:
             offsets = [TopicPartition(t, n, o) for (t, n), o in settlement.commit.items()]
@@ -95,11 +113,13 @@ class AcknowledgingSink:
                 log.warning("offset commit failed (retried next cycle): %s", exc)
         return settlement.rewind
 
-    def _on_delivery(self, partition: Partition, offset: int) -> Callable[..., None]:
+    def _on_delivery(
+        self, partition: Partition, offset: int, generation: int
+    ) -> Callable[..., None]:
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
                 log.warning("a message of %s@%d was not delivered: %s", partition, offset, err)
-            self._ledger.delivered(partition, offset, ok=err is None)
+            self._ledger.delivered(partition, offset, ok=err is None, generation=generation)
 
         return on_delivery
 
@@ -107,7 +127,3 @@ class AcknowledgingSink:
         if self._producer is None:
             raise RuntimeError("the sink is not open: call open() first")
         return self._producer
-
-
-def _messages(item: Finished) -> int:
-    return (item.outcome.result is not None) + (item.outcome.dead_letter is not None)

@@ -26,6 +26,8 @@ FETCH_QUEUE_KBYTES = 16384
 """librdkafka's prefetch per consumer is capped here, so memory stays flat under a backlog."""
 PRODUCER_MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 """The service producer's ``message.max.bytes``."""
+LIBRDKAFKA_BATCH_BYTES = 1_000_000
+"""librdkafka's default ``batch.size``; lowered to the smallest output topic's limit."""
 
 
 def client_config(settings: Settings) -> dict[str, Any]:
@@ -67,11 +69,19 @@ def service_consumer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def service_producer_config(settings: Settings, transactional_id: str | None) -> dict[str, Any]:
-    """The service's producer: idempotent; transactional when ``transactional_id`` is given."""
+def service_producer_config(
+    settings: Settings, transactional_id: str | None, limits: MessageLimits | None = None
+) -> dict[str, Any]:
+    """The service's producer: idempotent; transactional when ``transactional_id`` is given.
+
+    A batch never outgrows the smallest output topic's ``max.message.bytes``: the broker refuses
+    a whole batch over it, which would abort every transaction holding it.
+    """
+    smallest = min(limits.result_bytes, limits.dead_letter_bytes) if limits else None
     conf: dict[str, Any] = {
         **writer_config(settings),
         "message.max.bytes": PRODUCER_MAX_MESSAGE_BYTES,
+        "batch.size": min(LIBRDKAFKA_BATCH_BYTES, smallest or LIBRDKAFKA_BATCH_BYTES),
         "client.id": client_id(),
     }
     if transactional_id is not None:
@@ -112,7 +122,11 @@ def message_limits(settings: Settings, timeout: float = 10.0) -> MessageLimits:
     topics = {"result": settings.results_topic, "dead_letter": settings.dlq_topic}
     found: dict[str, int] = {}
     resources = [ConfigResource(ResourceType.TOPIC, name) for name in topics.values()]
-    futures = admin.describe_configs(resources, request_timeout=timeout)
+    try:
+        futures = admin.describe_configs(resources, request_timeout=timeout)
+    except KafkaException as exc:
+        log.info("topic limits not read (%s); using Kafka's default", exc)
+        futures = {}
     for resource, future in futures.items():
         try:
             entry = future.result(timeout=timeout).get("max.message.bytes")

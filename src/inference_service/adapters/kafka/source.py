@@ -122,7 +122,13 @@ class KafkaTaskSource:
             err = msg.error()
             if err is None:
                 record = _record(msg)
-                if record is not None and self._first_delivery(record):
+                # A record fetched before its partition was revoked (inside this very consume)
+                # belongs to the partition's next owner.
+                if (
+                    record is not None
+                    and record.source in self._assigned
+                    and self._first_delivery(record)
+                ):
                     out.append(record)
             elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                 log.warning("topic %s does not exist yet: %s", self._s.tasks_topic, err)

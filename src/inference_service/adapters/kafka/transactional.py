@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 
@@ -23,10 +24,10 @@ from inference_service.adapters.kafka.io import KafkaIO, bounded
 from inference_service.adapters.kafka.produce import produce_outcome
 from inference_service.adapters.kafka.source import KafkaTaskSource
 from inference_service.domain import Finished, Partition
-from inference_service.errors import HungCallError
+from inference_service.errors import HungCallError, KafkaUnavailableError
 from inference_service.metrics import Metrics
 from inference_service.ports import Published
-from inference_service.processing import Backoff
+from inference_service.processing import Backoff, MessageLimits
 from inference_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,13 @@ class TransactionalSink:
         io: KafkaIO,
         source: KafkaTaskSource,
         metrics: Metrics,
+        limits: MessageLimits | None = None,
+        stopping: threading.Event | None = None,
         backoff: Backoff | None = None,
     ) -> None:
         self._s = settings
+        self._limits = limits
+        self._stopping = stopping or threading.Event()
         self._io = io
         self._source = source
         self._metrics = metrics
@@ -85,8 +90,13 @@ class TransactionalSink:
     def _open(self) -> None:
         self._producer = self._new_producer()
 
+    def _make_producer(self) -> Producer:
+        return Producer(service_producer_config(self._s, self._transactional_id(), self._limits))
+
     def _new_producer(self) -> Producer:
-        producer = Producer(service_producer_config(self._s, self._transactional_id()))
+        producer = Producer(
+            service_producer_config(self._s, self._transactional_id(), self._limits)
+        )
         attempt = 0
         while True:
             try:
@@ -96,11 +106,17 @@ class TransactionalSink:
                 log.error("%s; trying a new producer", exc)
                 self._abandoned.append(producer)
                 self._generation += 1
-                producer = Producer(service_producer_config(self._s, self._transactional_id()))
+                producer = Producer(
+                    service_producer_config(self._s, self._transactional_id(), self._limits)
+                )
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
                 if not err.retriable():
                     raise
+                if self._stopping.is_set():
+                    raise KafkaUnavailableError(
+                        f"stopping while the transactional producer could not start: {err}"
+                    ) from exc
                 delay = self._backoff.delay(attempt)
                 log.warning("init_transactions failed (%s); retrying in %.1f s", err, delay)
                 time.sleep(delay)
@@ -133,9 +149,14 @@ class TransactionalSink:
             log.error("%s; abandoning the producer, replacing it and rewinding", exc)
             self._abandon_producer()
             return Published(rewind=first)
-        except KafkaException as exc:
-            err: KafkaError = exc.args[0]
+        except Exception as exc:
             self._metrics.transactions.labels("aborted").inc()
+            if not isinstance(exc, KafkaException):
+                # Not the broker: a bug while producing. Abort, so no half cycle stays open.
+                log.exception("transaction failed unexpectedly; aborting and rewinding")
+                self._abort_quietly()
+                return Published(rewind=first)
+            err: KafkaError = exc.args[0]
             if err.fatal():
                 log.error("fatal producer error, replacing the producer: %s", err)
                 self._replace_producer()
