@@ -15,12 +15,12 @@ from aiohttp import web
 from inference_service.adapters.kafka import kafka_ready, message_limits, open_kafka
 from inference_service.adapters.s3 import S3FrameStore
 from inference_service.errors import ConfigError, InferenceError
-from inference_service.http_api import Readiness, build_app
+from inference_service.http_api import DetectLimits, Readiness, build_app
 from inference_service.metrics import Metrics
 from inference_service.pipeline import Pipeline, PipelineConfig
 from inference_service.pool import DetectorPool
 from inference_service.processing import Backoff, TaskProcessor
-from inference_service.settings import Settings
+from inference_service.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ async def serve(settings: Settings) -> int:
         pool,
         metrics,
         readiness,
-        max_body_bytes=settings.max_frame_bytes,
+        DetectLimits.from_settings(settings),
         refresh_metrics=pool_metrics.refresh,
     )
     runner = web.AppRunner(app, access_log=None)
@@ -125,6 +125,12 @@ async def serve(settings: Settings) -> int:
     await site.start()
     log.info("HTTP on %s:%d (/healthz /readyz /metrics /v1/model /v1/detect)",
              settings.http_host, settings.http_port)  # fmt: skip
+    if settings.http_token is None:
+        log.warning(
+            "POST /v1/detect takes requests without a token: set %s (or %s) to require one",
+            env_name("http_token_file"),
+            env_name("http_token"),
+        )
     try:
         pool_start = asyncio.ensure_future(pool.start())
 

@@ -7,6 +7,7 @@ place that shapes the JSON.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Literal
 
 from inference_service.errors import ErrorCode
@@ -18,6 +19,16 @@ JsonObject = dict[str, Any]
 
 Partition = tuple[str, int]
 """A source partition: ``(topic, partition)``."""
+
+
+class Priority(IntEnum):
+    """Whose frame a detector serves first: every waiting ``PIPELINE`` frame goes to a worker
+    before any ``INTERACTIVE`` one, so that HTTP requests cannot delay the Kafka stream."""
+
+    PIPELINE = 0
+    """A frame of a Kafka task (and of the CLI's local detection): the default."""
+    INTERACTIVE = 1
+    """A frame posted to ``/v1/detect``: served when no pipeline frame waits."""
 
 
 @dataclass(frozen=True, slots=True)

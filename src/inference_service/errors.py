@@ -10,6 +10,7 @@ Every failure is an :class:`InferenceError`. Callers test the class flags, not l
     │   ├── UndecodableFrameError      (code: undecodable_frame)
     │   ├── FrameTooLargeError         (code: frame_too_large)
     │   ├── InferenceFailedError       (code: inference_failed)
+    │   ├── InferenceTimeoutError      (code: inference_timeout)
     │   ├── ResultTooLargeError        (code: result_too_large)
     │   └── InternalError              (code: internal_error; a bug, caught at the record)
     ├── TransientError                 yes       no   the world is briefly unwell (S3 or Kafka down)
@@ -40,6 +41,7 @@ class ErrorCode(StrEnum):
     UNDECODABLE_FRAME = "undecodable_frame"
     FRAME_TOO_LARGE = "frame_too_large"
     INFERENCE_FAILED = "inference_failed"
+    INFERENCE_TIMEOUT = "inference_timeout"
     RESULT_TOO_LARGE = "result_too_large"
     INTERNAL_ERROR = "internal_error"
 
@@ -101,6 +103,12 @@ class InferenceFailedError(TaskError):
     """The model failed on this frame, also after the retry on a fresh worker."""
 
     code = ErrorCode.INFERENCE_FAILED
+
+
+class InferenceTimeoutError(TaskError):
+    """Detection on this frame outlived ``frame_timeout_s``, also when retried alone on a worker."""
+
+    code = ErrorCode.INFERENCE_TIMEOUT
 
 
 class ResultTooLargeError(TaskError):

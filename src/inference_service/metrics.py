@@ -74,6 +74,14 @@ class Metrics:
             "inference_worker_restarts", "Detector worker processes replaced after dying.",
             registry=r,
         )  # fmt: skip
+        self.http_pending = Gauge(
+            "inference_http_pending", "POST /v1/detect requests being read, waiting or detected "
+            "(at most INFERENCE_HTTP_MAX_PENDING).", registry=r,
+        )  # fmt: skip
+        self.http_rejected = Counter(
+            "inference_http_rejected", "POST /v1/detect requests refused, by reason (busy, "
+            "not_ready, too_large, unauthorized).", ["reason"], registry=r,
+        )  # fmt: skip
 
     def observe_timings(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():

@@ -6,7 +6,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from inference_service.domain import Finished, FrameDetections, ModelInfo, Partition, Record
+from inference_service.domain import (
+    Finished,
+    FrameDetections,
+    ModelInfo,
+    Partition,
+    Priority,
+    Record,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -70,8 +77,14 @@ class AsyncDetector(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
-    async def detect(self, data: bytes) -> FrameDetections:
-        """As :meth:`FrameDetector.detect`, run elsewhere."""
+    async def detect(
+        self, data: bytes, *, priority: Priority = Priority.PIPELINE
+    ) -> FrameDetections:
+        """As :meth:`FrameDetector.detect`, run elsewhere.
+
+        ``priority``: frames waiting for a worker are served in priority order (the pipeline's
+        first), in arrival order within one priority.
+        """
         ...
 
     def ready(self) -> bool:

@@ -2,12 +2,14 @@
 
 Read from environment variables with the prefix ``INFERENCE_`` (SPEC.md, Configuration) and
 overridable by CLI flags (``--kafka-bootstrap-servers`` for ``INFERENCE_KAFKA_BOOTSTRAP_SERVERS``,
-and so on; see :func:`add_cli_flags`). Nothing here does I/O beyond reading the environment.
+and so on; see :func:`add_cli_flags`). Nothing here does I/O beyond reading the environment and
+the secret files it names (``INFERENCE_*_FILE``, see :data:`SECRET_FILES`).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +18,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inference_service.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "INFERENCE_"
 
@@ -56,7 +60,14 @@ class Settings(BaseSettings):
         None, description="SASL user name (required by the SASL_* protocols)."
     )
     kafka_sasl_password: SecretStr | None = Field(
-        None, description="SASL password (required by the SASL_* protocols; never printed)."
+        None,
+        description="SASL password (required by the SASL_* protocols; never printed). The flag "
+        "shows in the process list: prefer INFERENCE_KAFKA_SASL_PASSWORD_FILE.",
+    )
+    kafka_sasl_password_file: Path | None = Field(
+        None,
+        description="File holding the SASL password (a mounted secret; a trailing newline is "
+        "stripped), instead of INFERENCE_KAFKA_SASL_PASSWORD.",
     )
     kafka_ssl_ca_location: Path | None = Field(
         None,
@@ -148,10 +159,38 @@ class Settings(BaseSettings):
     worker_retries: int = Field(
         1, ge=0, le=5, description="Retries of a frame on a fresh worker after a worker crash."
     )
+    frame_timeout_s: float = Field(
+        30.0,
+        ge=0.0,
+        description="Longest detection of one frame in a worker; past it the worker is replaced "
+        "and the frame retried once alone, then inference_timeout (0: no limit).",
+    )
 
     # --- Service -------------------------------------------------------------------------------
     http_host: str = Field("0.0.0.0", description="Address the HTTP server binds to.")
     http_port: int = Field(8003, ge=0, le=65535, description="HTTP port.")
+    http_max_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description="Largest body POST /v1/detect accepts, in bytes (413 over it).",
+    )
+    http_max_pending: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Most POST /v1/detect requests read, waiting or detected at once; one more "
+        "gets 503 with Retry-After. Kafka frames go to the workers first.",
+    )
+    http_token: SecretStr | None = Field(
+        None,
+        description="Bearer token POST /v1/detect requires (unset: none; never printed). The "
+        "probe and metrics endpoints stay open. Prefer INFERENCE_HTTP_TOKEN_FILE.",
+    )
+    http_token_file: Path | None = Field(
+        None,
+        description="File holding the HTTP bearer token (a mounted secret; a trailing newline is "
+        "stripped), instead of INFERENCE_HTTP_TOKEN.",
+    )
     startup_timeout_s: float = Field(
         300.0, ge=0.0, description="How long start-up waits for Kafka and S3 (0: forever)."
     )
@@ -180,7 +219,10 @@ class Settings(BaseSettings):
         "s3_endpoint_url",
         "kafka_sasl_username",
         "kafka_sasl_password",
+        "kafka_sasl_password_file",
         "kafka_ssl_ca_location",
+        "http_token",
+        "http_token_file",
         mode="before",
     )
     @classmethod
@@ -188,6 +230,27 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        """Read each ``*_FILE`` setting into its secret (see :data:`SECRET_FILES`)."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for secret, file_field in SECRET_FILES.items():
+            path = out.get(file_field)
+            if path is None or (isinstance(path, str) and not path.strip()):
+                continue
+            given = out.get(secret)
+            if isinstance(given, SecretStr):
+                given = given.get_secret_value()
+            if isinstance(given, str) and given.strip():
+                raise ValueError(
+                    f"{env_name(secret)} and {env_name(file_field)} are both set: set only one"
+                )
+            out[secret] = SecretStr(read_secret_file(file_field, Path(path)))
+        return out
 
     @model_validator(mode="after")
     def _sasl_needs_credentials(self) -> Settings:
@@ -197,6 +260,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{env_name('kafka_security_protocol')}={self.kafka_security_protocol} needs "
                 f"{env_name('kafka_sasl_username')} and {env_name('kafka_sasl_password')} "
+                f"(or {env_name('kafka_sasl_password_file')}) "
                 f"(flags {flag_name('kafka_sasl_username')}, {flag_name('kafka_sasl_password')})"
             )
         return self
@@ -204,6 +268,39 @@ class Settings(BaseSettings):
     def cache_path(self) -> Path:
         """The cache directory with ``~`` expanded."""
         return self.cache_dir.expanduser()
+
+
+SECRET_FILES: dict[str, str] = {
+    "kafka_sasl_password": "kafka_sasl_password_file",
+    "http_token": "http_token_file",
+}
+"""Each secret setting → the setting naming a file to read it from (a mounted Kubernetes secret),
+so that the secret need not be in the environment or, worse, on the command line."""
+
+
+def read_secret_file(file_field: str, path: Path) -> str:
+    """The content of a secret file, one trailing newline (``\\n`` or ``\\r\\n``) stripped.
+
+    Raises ``ValueError`` naming the variable (never the content) when the file is missing,
+    unreadable or empty.
+    """
+    where = f"{env_name(file_field)}={str(path)!r}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{where}: is a directory, not a file") from None
+    except PermissionError:
+        raise ValueError(f"{where}: permission denied (not readable by this user)") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read it: {exc.strerror}") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text.strip():
+        raise ValueError(f"{where}: the file is empty")
+    return text
 
 
 def env_name(field_name: str) -> str:
@@ -246,8 +343,9 @@ def _explain(exc: ValidationError) -> str:
         name = str(err["loc"][0])
         field = Settings.model_fields.get(name)
         accepted = field.description if field is not None else ""
+        given = "'**********'" if name in SECRET_FILES else repr(err.get("input"))
         lines.append(
-            f"  {env_name(name)} (flag {flag_name(name)}) = {err.get('input')!r}: {err['msg']}"
+            f"  {env_name(name)} (flag {flag_name(name)}) = {given}: {err['msg']}"
             + (f". Accepted: {accepted}" if accepted else "")
         )
     return "\n".join(lines)
@@ -268,12 +366,24 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given as CLI flags, by field name."""
+    """The settings given as CLI flags, by field name.
+
+    A secret given as a flag is taken, with a warning: every user of the host can read it in the
+    process list.
+    """
     out: dict[str, Any] = {}
     for name in Settings.model_fields:
         value = getattr(args, f"setting_{name}", None)
         if value is not None:
             out[name] = value
+            if name in SECRET_FILES:
+                log.warning(
+                    "%s puts a secret in the process list (ps, /proc/*/cmdline): set %s to a "
+                    "mounted secret file instead, or %s",
+                    flag_name(name),
+                    env_name(SECRET_FILES[name]),
+                    env_name(name),
+                )
     return out
 
 

@@ -18,6 +18,7 @@ from inference_service.domain import (
     ImageSize,
     ModelInfo,
     Partition,
+    Priority,
     Record,
 )
 from inference_service.errors import FrameNotFoundError
@@ -191,7 +192,9 @@ class FakeDetector:
         self.max_delay_s = max_delay_s
         self.gates: dict[str, asyncio.Event] = {}
 
-    async def detect(self, data: bytes) -> FrameDetections:
+    async def detect(
+        self, data: bytes, *, priority: Priority = Priority.PIPELINE
+    ) -> FrameDetections:
         video = data.decode().split("/")[0]
         if video in self.gates:
             await self.gates[video].wait()

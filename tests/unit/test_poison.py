@@ -21,6 +21,7 @@ from inference_service.domain import (
     ImageSize,
     ModelInfo,
     Outcome,
+    Priority,
     Record,
 )
 from inference_service.processing import Backoff, MessageLimits, TaskProcessor
@@ -44,7 +45,9 @@ class Detector:
         self.boxes = boxes
         self.fail = fail
 
-    async def detect(self, data: bytes) -> FrameDetections:
+    async def detect(
+        self, data: bytes, *, priority: Priority = Priority.PIPELINE
+    ) -> FrameDetections:
         if self.fail is not None:
             raise self.fail
         dets = tuple(Detection(0, "disc", 0.9, BBox(1, 2, 3, 4)) for _ in range(self.boxes))

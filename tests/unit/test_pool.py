@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import pytest
 from inference_service.domain import FrameDetections, ImageSize, ModelInfo
 from inference_service.errors import (
     InferenceFailedError,
+    InferenceTimeoutError,
     ModelError,
     UndecodableFrameError,
 )
@@ -33,7 +35,9 @@ class FakeDetector:
     """Answers by the frame's bytes.
 
     ``ok:N`` → width N; ``bad`` → undecodable; ``crash`` → SIGKILL; ``crash-once:PATH`` → SIGKILL
-    the first time only; ``boom`` → a plain bug; ``sleep:S`` → wait S seconds.
+    the first time only; ``boom`` → a plain bug; ``sleep:S`` → wait S seconds; ``exit`` →
+    ``os._exit``; ``hang`` → never answer; ``hang-once:PATH`` → never answer in the first process
+    that sees it.
     """
 
     info = INFO
@@ -55,6 +59,16 @@ class FakeDetector:
             if not marker.exists():
                 marker.write_text(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGKILL)
+            text = "ok:1"
+        if text == "exit":
+            os._exit(3)
+        if text == "hang":
+            threading.Event().wait()
+        if text.startswith("hang-once:"):
+            marker = Path(text.split(":", 1)[1])
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                threading.Event().wait()
             text = "ok:1"
         if text.startswith("sleep:"):
             time.sleep(float(text.split(":", 1)[1]))
@@ -189,6 +203,115 @@ def test_no_retries_fails_on_first_crash() -> None:
         ) as pool:
             with pytest.raises(InferenceFailedError, match="after 1 attempts"):
                 await pool.detect(b"crash")
+
+    run(go())
+
+
+@pytest.mark.parametrize(("processes", "retries"), [(1, 0), (2, 1)])
+def test_a_killer_frame_fails_alone_and_its_neighbours_succeed(
+    processes: int, retries: int
+) -> None:
+    """The killer dies with other frames running beside it: they are retried alone, uncounted,
+    and succeed; only the killer, dying alone, counts and ends inference_failed."""
+
+    async def go() -> None:
+        async with DetectorPool(
+            settings(worker_retries=retries),
+            FakeFactory(),
+            processes=processes,
+            threads=1,
+            pullers=2,
+        ) as pool:
+            frames = [b"sleep:0.2"] * 3 + [b"exit"] + [b"sleep:0.2"] * 3
+            out = await asyncio.gather(*(pool.detect(f) for f in frames), return_exceptions=True)
+            errors = [o for o in out if isinstance(o, BaseException)]
+            assert len(errors) == 1 and isinstance(out[3], InferenceFailedError), out
+            assert f"after {retries + 1} attempts" in str(out[3])
+            assert all(isinstance(o, FrameDetections) and o.image.width == 2 for o in out[:3])
+            assert all(isinstance(o, FrameDetections) and o.image.width == 2 for o in out[4:])
+            stats = pool.stats()
+            assert (stats.completed, stats.failed, stats.pending, stats.in_flight) == (6, 1, 0, 0)
+            # one death beside others (uncounted) at most, then retries + 1 deaths alone
+            assert retries + 1 <= stats.worker_restarts <= retries + 2
+            assert (await pool.detect(b"ok:5")).image.width == 5
+
+    run(go())
+
+
+def test_a_hanging_frame_times_out_and_the_pool_serves_on() -> None:
+    async def go() -> None:
+        async with DetectorPool(
+            settings(frame_timeout_s=0.5), FakeFactory(), processes=2, threads=1, pullers=2
+        ) as pool:
+            t0 = time.monotonic()
+            hang = asyncio.ensure_future(pool.detect(b"hang"))
+            await asyncio.sleep(0.05)
+            good = await asyncio.gather(*(pool.detect(f"ok:{i}".encode()) for i in range(6)))
+            assert [r.image.width for r in good] == list(range(6))
+            assert not hang.done()  # the others were served while it hung
+            # Killed once; once it runs alone on the replacement, the other worker serves on.
+            while not (pool.stats().worker_restarts == 1 and pool.stats().in_flight == 1):
+                await asyncio.sleep(0.01)
+            more = await asyncio.gather(*(pool.detect(f"ok:{i}".encode()) for i in range(8)))
+            assert [r.image.width for r in more] == list(range(8))
+            assert not hang.done()
+            with pytest.raises(InferenceTimeoutError, match="INFERENCE_FRAME_TIMEOUT_S"):
+                await hang
+            assert time.monotonic() - t0 < 15
+            stats = pool.stats()
+            assert stats.worker_restarts == 2  # killed at its deadline, then again when alone
+            assert (stats.completed, stats.failed, stats.in_flight) == (14, 1, 0)
+            out = await asyncio.gather(*(pool.detect(f"ok:{i}".encode()) for i in range(4)))
+            assert [r.image.width for r in out] == list(range(4))
+
+    run(go())
+
+
+def test_the_frames_beside_a_hanging_one_are_innocent() -> None:
+    """The worker killed for one frame's deadline also held a frame running (not yet overdue) and
+    one queued: both go back uncounted and end ok; only the hanging frame fails."""
+
+    async def go() -> None:
+        async with DetectorPool(
+            settings(frame_timeout_s=0.5), FakeFactory(), processes=1, threads=1, pullers=2
+        ) as pool:
+            hang = asyncio.ensure_future(pool.detect(b"hang"))
+            await asyncio.sleep(0.3)
+            beside = asyncio.gather(pool.detect(b"sleep:0.3"), pool.detect(b"ok:7"))
+            with pytest.raises(InferenceTimeoutError):
+                await hang
+            assert [r.image.width for r in await beside] == [2, 7]
+            stats = pool.stats()
+            assert (stats.completed, stats.failed, stats.worker_restarts) == (2, 1, 2)
+
+    run(go())
+
+
+def test_a_frame_that_hangs_once_succeeds_when_retried(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with DetectorPool(
+            settings(frame_timeout_s=0.5), FakeFactory(), processes=1, threads=1
+        ) as pool:
+            marker = tmp_path / "hung"
+            result = await pool.detect(f"hang-once:{marker}".encode())
+            assert result.image.width == 1
+            assert result.image.height != int(marker.read_text())  # the replacement answered
+            assert pool.stats().worker_restarts == 1
+
+    run(go())
+
+
+def test_the_deadline_runs_from_the_start_of_detection_not_the_dispatch() -> None:
+    """With one puller the second frame waits in the worker's queue behind the first: together
+    they take longer than the timeout, each alone does not, so nothing is killed."""
+
+    async def go() -> None:
+        async with DetectorPool(
+            settings(frame_timeout_s=0.6), FakeFactory(), processes=1, threads=1, pullers=1
+        ) as pool:
+            out = await asyncio.gather(*(pool.detect(b"sleep:0.4") for _ in range(2)))
+            assert [r.image.width for r in out] == [2, 2]
+            assert pool.stats().worker_restarts == 0
 
     run(go())
 

@@ -20,6 +20,7 @@ from inference_service.pool.messages import (
     FromWorker,
     RawFrame,
     Ready,
+    Started,
     StartFailed,
     Stop,
     ToWorker,
@@ -76,6 +77,7 @@ class FakeFactory:
         Stop(),
         Ready(INFO),
         StartFailed("RuntimeError", "no such model"),
+        Started(4),
         Done(5, FOUND),
     ],
 )
@@ -162,9 +164,11 @@ def test_a_worker_process_answers_jobs_and_ends_on_stop() -> None:
         assert receive.recv() == Ready(INFO)
         tasks.put(FrameJob(1, b"ok"))
         assert receive.poll(10)
+        assert receive.recv() == Started(1)  # before the answer: the deadline runs from here
         assert receive.recv() == Done(1, FOUND)
         tasks.put(FrameJob(2, b"bad"))
         assert receive.poll(10)
+        assert receive.recv() == Started(2)
         failed = receive.recv()
         assert isinstance(failed, Failed)
         assert type(failed.error) is UndecodableFrameError

@@ -36,7 +36,7 @@ class FakeStore:
 class FakeDetector:
     info = INFO
 
-    async def detect(self, data):
+    async def detect(self, data, *, priority=None):
         if data == b"garbage":
             raise UndecodableFrameError("not an image")
         det = Detection(0, "disc", 0.9, BBox(1, 2, 3, 4))
@@ -130,3 +130,23 @@ def test_oversized_record():
     assert out.result["error"]["code"] == "invalid_task"
     assert "INFERENCE_MAX_TASK_BYTES" in out.result["error"]["message"]
     assert out.result["frame_id"] == 9
+
+
+def test_a_frame_past_its_deadline_gives_a_schema_valid_inference_timeout_result():
+    import jsonschema
+
+    from inference_service import schemas
+    from inference_service.errors import InferenceTimeoutError
+    from inference_service.http_api import STATUS_BY_CODE
+
+    class TimingOut(FakeDetector):
+        async def detect(self, data, *, priority=None):
+            raise InferenceTimeoutError("took longer than 30 s")
+
+    store = FakeStore({("frames", "v1/9.jpg"): b"jpeg"})
+    proc = TaskProcessor(store, TimingOut(), "frames", backoff=Backoff(0.001, 0.002))
+    out = run(proc.process(record({"video_id": "v1", "frame_id": 9, "s3_key": "v1/9.jpg"})))
+    assert out.result["error"]["code"] == "inference_timeout"
+    jsonschema.validate(out.result, schemas.load("result"))
+    assert dict(out.dead_letter.headers)["error.code"] == b"inference_timeout"
+    assert STATUS_BY_CODE[InferenceTimeoutError.code] == 504

@@ -2,8 +2,8 @@
 
 Shape (one job per module)::
 
-    event loop ── detect(bytes) ──► pending deque ──► least-loaded ready worker's task queue
-                                                          │ (mp.Queue of FrameJob messages)
+    event loop ── detect(bytes) ──► pending deques ─► least-loaded ready worker's task queue
+                                    (pipeline first)      │ (mp.Queue of FrameJob messages)
                                     worker process i: T threads ── detector.detect ──┐
     futures ◄── call_soon_threadsafe ◄── monitor thread ◄── result pipe of worker i ◄┘
                                               │
@@ -21,9 +21,12 @@ Shape (one job per module)::
   pickled arrays.
 * Every worker has its own task queue and result pipe, so a worker killed mid-write can corrupt only
   channels that are thrown away with it.
-* A frame whose worker dies is retried on another (or the replacement) worker up to
-  ``settings.worker_retries`` times, then fails with
-  :class:`~inference_service.errors.InferenceFailedError`.
+* A frame whose worker dies is retried on another (or the replacement) worker. Only frames the
+  worker had started are suspects; each is retried alone (nothing else in flight on its worker),
+  and a death with one frame running counts against it, up to ``settings.worker_retries``
+  retries, then :class:`~inference_service.errors.InferenceFailedError`.
+* A frame running past ``settings.frame_timeout_s`` gets its worker killed and replaced; it is
+  retried once alone, then fails with :class:`~inference_service.errors.InferenceTimeoutError`.
 """
 
 from inference_service.pool.sizing import available_cpus, plan_workers

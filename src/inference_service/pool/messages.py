@@ -3,7 +3,7 @@
 Each worker has two channels, both carrying pickled instances of these module-level classes::
 
     supervisor ── task queue:  FrameJob | Stop ──────────────────────► worker
-    supervisor ◄── result pipe: Ready | StartFailed | Done | Failed ── worker
+    supervisor ◄── result pipe: Ready | StartFailed | Started | Done | Failed ── worker
 
 A frame travels as its encoded bytes or as a :class:`RawFrame` (a decoded frame's raw buffer),
 never as a pickled array.
@@ -78,6 +78,15 @@ class StartFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class Started:
+    """A puller has taken one frame and starts on it: its deadline (``frame_timeout_s``) runs from
+    here, and only started frames can be blamed for a worker's death."""
+
+    job_id: int
+    """The id of the :class:`FrameJob` taken."""
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     """The detections of one frame."""
 
@@ -97,5 +106,5 @@ class Failed:
     """The detector's own task error, or ``InferenceFailedError`` wrapping any other exception."""
 
 
-FromWorker: TypeAlias = Ready | StartFailed | Done | Failed
+FromWorker: TypeAlias = Ready | StartFailed | Started | Done | Failed
 """Everything a worker's result pipe carries."""

@@ -1,7 +1,8 @@
 """The worker process: load one detector, warm it up, then answer frames until told to stop.
 
 ``T`` puller threads share the process's detector, so one decodes while another infers; every
-answer goes back on the worker's own result pipe (one send at a time).
+answer goes back on the worker's own result pipe (one send at a time), preceded by a
+:class:`~.messages.Started` when the puller takes the frame.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from inference_service.pool.messages import (
     FromWorker,
     Payload,
     Ready,
+    Started,
     StartFailed,
     Stop,
     ToWorker,
@@ -134,6 +136,7 @@ def worker_main(
             if isinstance(item, Stop):
                 halt.set()
                 return
+            send(Started(item.job_id))  # before the detector runs, so a hang or crash is blamed
             send(answer(detector, item))
 
     threads = [
