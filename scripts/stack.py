@@ -11,7 +11,9 @@ Run through ``scripts/stack`` (which picks the repository's ``.venv`` Python)::
 ``up`` prints only ``export`` lines on stdout; progress goes to stderr. Data, logs and pid files
 live under ``.stack/`` (``STACK_DIR``). Ports: ``STACK_KAFKA_PORT`` (19092),
 ``STACK_KAFKA_CONTROLLER_PORT`` (19093), ``STACK_KAFKA_SASL_PORT`` (19094: a second listener that
-takes SASL/PLAIN, user ``inference``, for the service's SASL settings), ``STACK_S3_PORT`` (18333);
+takes SASL/PLAIN, user ``inference``, for the service's SASL settings), ``STACK_S3_PORT`` (18333:
+two identities, ``inference`` with every right and ``limited``, which may only read and list buckets
+whose names start with ``frames``, for tests of refused reads);
 ``STACK_PORT_OFFSET`` shifts
 every port, SeaweedFS's internal ones included, so that a second stack can run beside the first.
 """
@@ -50,6 +52,11 @@ VENV_BIN = Path(sys.executable).parent
 ACCESS_KEY = "inference"
 SECRET_KEY = "inference-secret"
 REGION = "us-east-1"
+LIMITED_ACCESS_KEY = "limited"
+LIMITED_SECRET_KEY = "limited-secret"
+LIMITED_BUCKETS = "frames*"
+"""What the ``limited`` S3 identity may read and list: buckets whose names start with ``frames``
+(SeaweedFS matches the ``*``); any other bucket is refused with 403 AccessDenied."""
 KAFKA_SASL_USER = "inference"
 KAFKA_SASL_PASSWORD = "inference-secret"
 BUCKET = "frames"
@@ -129,6 +136,9 @@ class Config:
             "AWS_ACCESS_KEY_ID": ACCESS_KEY,
             "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
             "AWS_DEFAULT_REGION": REGION,
+            "STACK_S3_LIMITED_ACCESS_KEY_ID": LIMITED_ACCESS_KEY,
+            "STACK_S3_LIMITED_SECRET_ACCESS_KEY": LIMITED_SECRET_KEY,
+            "STACK_S3_LIMITED_BUCKETS": LIMITED_BUCKETS,
         }
 
 
@@ -207,6 +217,9 @@ class Server(abc.ABC):
     # Subclasses fill these in.
     def prepare(self) -> None:  # noqa: B027 (optional hook: the default prepares nothing)
         """Create directories and configuration; idempotent."""
+
+    def reconfigure(self, pid: int) -> None:  # noqa: B027 (optional hook: nothing by default)
+        """Bring a server that already runs (``pid``) to this configuration, without a restart."""
 
     @abc.abstractmethod
     def command(self) -> list[str]:
@@ -495,18 +508,48 @@ class SeaweedS3(Server):
         http = list(self.ports.values())
         return http + [p + GRPC_OFFSET for p in http]
 
-    def prepare(self) -> None:
-        (self.home / "data").mkdir(parents=True, exist_ok=True)
-        identity = {
+    @property
+    def identities_file(self) -> Path:
+        return self.home / "s3.json"
+
+    @staticmethod
+    def identities() -> str:
+        """The S3 identities file: the service's identity with every right, and ``limited``."""
+        config = {
             "identities": [
                 {
                     "name": ACCESS_KEY,
                     "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
+                },
+                {
+                    "name": LIMITED_ACCESS_KEY,
+                    "credentials": [
+                        {"accessKey": LIMITED_ACCESS_KEY, "secretKey": LIMITED_SECRET_KEY}
+                    ],
+                    "actions": [f"Read:{LIMITED_BUCKETS}", f"List:{LIMITED_BUCKETS}"],
+                },
             ]
         }
-        (self.home / "s3.json").write_text(json.dumps(identity, indent=2) + "\n")
+        return json.dumps(config, indent=2) + "\n"
+
+    def prepare(self) -> None:
+        (self.home / "data").mkdir(parents=True, exist_ok=True)
+        self.identities_file.write_text(self.identities())
+
+    def reconfigure(self, pid: int) -> None:
+        """A server started with an older identities file re-reads it on SIGHUP (SeaweedFS's
+        S3 gateway reloads ``-s3.config`` then); the probe that follows waits for the reload."""
+        try:
+            current = self.identities_file.read_text()
+        except OSError:
+            current = ""
+        if current == self.identities():
+            return
+        log.info("s3: new identities in %s; SIGHUP to pid %d to reload", self.identities_file, pid)
+        self.identities_file.write_text(self.identities())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGHUP)
 
     def command(self) -> list[str]:
         weed = VENV_BIN / "weed"
@@ -544,16 +587,15 @@ class SeaweedS3(Server):
             f"-bucket={BUCKET}",
         ]
 
-    def probe(self) -> str | None:
+    def _client(self, access_key: str, secret_key: str) -> Any:
         import boto3
         from botocore.config import Config as BotoConfig
-        from botocore.exceptions import BotoCoreError, ClientError
 
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.cfg.s3_endpoint,
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
             region_name=REGION,
             config=BotoConfig(
                 s3={"addressing_style": "path"},
@@ -562,10 +604,21 @@ class SeaweedS3(Server):
                 read_timeout=5,
             ),
         )
+
+    def probe(self) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self._client(ACCESS_KEY, SECRET_KEY)
         try:
             client.head_bucket(Bucket=BUCKET)
         except (BotoCoreError, ClientError) as exc:
             return f"HEAD bucket {BUCKET}: {exc}"
+        # The second identity is known (a server on an older identities file does not know it).
+        limited = self._client(LIMITED_ACCESS_KEY, LIMITED_SECRET_KEY)
+        try:
+            limited.list_objects_v2(Bucket=BUCKET, MaxKeys=1)
+        except (BotoCoreError, ClientError) as exc:
+            return f"LIST {BUCKET} as {LIMITED_ACCESS_KEY!r}: {exc} (`scripts/stack up` reloads)"
         # The gateway answers before the volume server serves data: read the probe object an
         # earlier start left (old data readable), then write and read a fresh one.
         try:
@@ -622,6 +675,7 @@ def up(cfg: Config) -> list[str]:
                             f"asked for {srv.ports}: run `scripts/stack down` first"
                         )
                     log.info("%s already running (pid %d)", srv.name, pid)
+                    srv.reconfigure(pid)
                 else:
                     pid = srv.start()
                     started.append(srv)

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from inference_service.adapters.kafka import kafka_ready, message_limits, open_kafka
 from inference_service.adapters.s3 import S3FrameStore
+from inference_service.budget import FrameBudget
 from inference_service.errors import ConfigError, InferenceError
 from inference_service.http_api import DetectLimits, Readiness, build_app
 from inference_service.metrics import Metrics
@@ -103,7 +104,19 @@ async def serve(settings: Settings) -> int:
     pool = DetectorPool(settings)
     store = S3FrameStore(settings)
     deps = {"kafka": False, "s3": False}
-    processor = TaskProcessor(store, pool, settings.s3_bucket)
+    frames = FrameBudget(settings.max_in_flight_bytes, largest_frame=settings.max_frame_bytes)
+    processor = TaskProcessor(
+        store,
+        pool,
+        settings.s3_bucket,
+        budget=frames,
+        allowed_buckets=settings.allowed_buckets(),
+    )
+    if settings.allowed_buckets() is None:
+        log.warning(
+            "tasks may name any bucket the S3 credentials reach (%s=*)",
+            env_name("s3_allowed_buckets"),
+        )
     pool_metrics = _PoolMetrics(pool, metrics)
     readiness = Readiness(
         {

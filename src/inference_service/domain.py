@@ -69,6 +69,16 @@ class Task:
     """Opaque object copied into the result unchanged."""
 
 
+def is_bucket_name(name: str) -> bool:
+    """Whether ``name`` is an S3 bucket name: 3-63 of a-z, 0-9, '.' and '-' (what a task and
+    ``INFERENCE_S3_ALLOWED_BUCKETS`` may name)."""
+    return (
+        3 <= len(name) <= 63
+        and name.isascii()
+        and all(c.islower() or c.isdigit() or c in ".-" for c in name)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class BBox:
     """A box in pixels of the original frame, ``x1 <= x2`` and ``y1 <= y2``."""

@@ -7,6 +7,7 @@ Every failure is an :class:`InferenceError`. Callers test the class flags, not l
     │   ├── InvalidTaskError           (code: invalid_task)
     │   │   └── NotJsonError           (not even JSON: dead letter only, no result)
     │   ├── FrameNotFoundError         (code: frame_not_found)
+    │   ├── FrameForbiddenError        (code: frame_forbidden)
     │   ├── UndecodableFrameError      (code: undecodable_frame)
     │   ├── FrameTooLargeError         (code: frame_too_large)
     │   ├── InferenceFailedError       (code: inference_failed)
@@ -38,6 +39,7 @@ class ErrorCode(StrEnum):
 
     INVALID_TASK = "invalid_task"
     FRAME_NOT_FOUND = "frame_not_found"
+    FRAME_FORBIDDEN = "frame_forbidden"
     UNDECODABLE_FRAME = "undecodable_frame"
     FRAME_TOO_LARGE = "frame_too_large"
     INFERENCE_FAILED = "inference_failed"
@@ -85,6 +87,13 @@ class FrameNotFoundError(TaskError):
     """The frame's object (or its bucket) does not exist."""
 
     code = ErrorCode.FRAME_NOT_FOUND
+
+
+class FrameForbiddenError(TaskError):
+    """The store refuses the frame to the service: access denied (on AWS also a missing key
+    without ``s3:ListBucket``), the bucket in another region, another final 4xx."""
+
+    code = ErrorCode.FRAME_FORBIDDEN
 
 
 class UndecodableFrameError(TaskError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,14 +20,20 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 
+Admit = Callable[[int], Awaitable[None]]
+"""Awaited with an object's size before its body is read."""
+
+
 class FrameStore(Protocol):
     """Where frames are read from (S3 in production, a dict in unit tests)."""
 
-    async def get(self, bucket: str, key: str) -> bytes:
-        """The object's bytes.
+    async def get(self, bucket: str, key: str, admit: Admit | None = None) -> bytes:
+        """The object's bytes; ``admit(size)`` is awaited with the object's size, from the
+        response headers, before its body is read (the frame byte budget waits there).
 
-        Raises ``FrameNotFoundError`` for a missing object or bucket, ``FrameTooLargeError`` for an
-        object over the byte limit, ``StoreUnavailableError`` when the store cannot answer now.
+        Raises ``FrameNotFoundError`` for a missing object or bucket, ``FrameForbiddenError`` when
+        the store refuses it to the service (final), ``FrameTooLargeError`` for an object over the
+        byte limit, ``StoreUnavailableError`` when the store cannot answer now.
         """
         ...
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, replace
 
 from inference_service import strict_json
+from inference_service.budget import FrameBudget
 from inference_service.domain import DeadLetter, JsonObject, Outcome, Record, Task
 from inference_service.errors import (
     InferenceError,
@@ -24,9 +25,9 @@ from inference_service.errors import (
     ResultTooLargeError,
     TaskError,
 )
-from inference_service.ports import AsyncDetector, FrameStore
+from inference_service.ports import Admit, AsyncDetector, FrameStore
 from inference_service.results import Identity, build_result, stage_timings
-from inference_service.tasks import decode_record, parse_task, partial_identity
+from inference_service.tasks import TaskRules, decode_record, parse_task, partial_identity
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,22 @@ class TaskProcessor:
         health: Health | None = None,
         backoff: Backoff | None = None,
         limits: MessageLimits | None = None,
+        budget: FrameBudget | None = None,
+        *,
+        allowed_buckets: frozenset[str] | None = frozenset(),
     ) -> None:
+        """``allowed_buckets``: the buckets a task may name besides ``default_bucket``
+        (``INFERENCE_S3_ALLOWED_BUCKETS``); None: any. A task naming another gets
+        ``invalid_task``."""
         self._store = store
         self._detector = detector
         self._default_bucket = default_bucket
+        self._rules = TaskRules.of(default_bucket, allowed_buckets)
         self.health = health or Health()
         self._backoff = backoff or Backoff()
         self.limits = limits or MessageLimits()
+        self._budget = budget
+        """Bounds the frame bytes fetched and held at once (none in unit tests by default)."""
         self.held_bytes = 0
         """Bytes of fetched frames held until the detector is done with them."""
 
@@ -149,7 +159,7 @@ class TaskProcessor:
         obj: JsonObject | None = None
         try:
             obj = decode_record(record.value)
-            task = parse_task(obj, self._default_bucket)
+            task = parse_task(obj, self._rules)
         except NotJsonError as exc:
             return self._dead_letter_only(record, exc)
         except InvalidTaskError as exc:
@@ -162,9 +172,12 @@ class TaskProcessor:
     async def _run(self, record: Record, task: Task, started: float) -> Outcome:
         identity = Identity.of_task(task)
         fetch_ms = 0.0
+        reservation = self._budget.reservation() if self._budget is not None else None
         try:
             t0 = time.perf_counter()
-            data = await self._fetch(task)
+            if reservation is not None:
+                await reservation.start()  # a fetch starts only when the budget has room
+            data = await self._fetch(task, reservation.admit if reservation else None)
             fetch_ms = _ms_since(t0)
             t1 = time.perf_counter()
             self.held_bytes += len(data)
@@ -172,9 +185,16 @@ class TaskProcessor:
                 found = await self._detector.detect(data)
             finally:
                 self.held_bytes -= len(data)
+                del data
+                if reservation is not None:
+                    await reservation.close()
+                    reservation = None
         except TaskError as exc:
             timings = stage_timings(None, fetch_ms=fetch_ms, total_ms=_ms_since(started))
             return self._failed(record, identity, exc, timings)
+        finally:
+            if reservation is not None:  # the fetch failed or the task was cancelled
+                await reservation.close()
         worked_ms = (
             found.decode_ms + found.preprocess_ms + found.inference_ms + found.postprocess_ms
         )
@@ -197,11 +217,11 @@ class TaskProcessor:
             payload=payload,
         )
 
-    async def _fetch(self, task: Task) -> bytes:
+    async def _fetch(self, task: Task, admit: Admit | None) -> bytes:
         attempt = 0
         while True:
             try:
-                data = await self._store.get(task.bucket, task.s3_key)
+                data = await self._store.get(task.bucket, task.s3_key, admit)
             except InferenceError as exc:
                 if not exc.retriable:
                     raise

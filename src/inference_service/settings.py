@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from inference_service.domain import is_bucket_name
 from inference_service.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,12 @@ class Settings(BaseSettings):
         None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333; unset means AWS."
     )
     s3_bucket: str = Field("frames", description="Default bucket of frames.")
+    s3_allowed_buckets: str | None = Field(
+        None,
+        description="Buckets a task may name besides INFERENCE_S3_BUCKET, comma-separated "
+        "(unset: INFERENCE_S3_BUCKET alone; * : any bucket the credentials reach). A task "
+        "naming another gets invalid_task.",
+    )
     s3_region: str = Field("us-east-1", description="S3 region.")
     s3_concurrency: int = Field(32, ge=1, le=1024, description="Most S3 GETs under way at once.")
 
@@ -215,6 +222,28 @@ class Settings(BaseSettings):
             raise ValueError("expected a positive integer or 'auto'")
         return value
 
+    @field_validator("s3_allowed_buckets", mode="before")
+    @classmethod
+    def _bucket_list(cls, value: object) -> object:
+        """Normalise ``a, b,,a`` to ``a,b``: bucket names, or ``*`` alone; empty is unset."""
+        if isinstance(value, list | tuple | set | frozenset):
+            value = ",".join(str(v) for v in value)
+        if not isinstance(value, str):
+            return value
+        names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+        if not names:
+            return None
+        if "*" in names:
+            if len(names) > 1:
+                raise ValueError("'*' (any bucket) stands alone, not in a list of buckets")
+            return "*"
+        for name in names:
+            if not is_bucket_name(name):
+                raise ValueError(
+                    f"{name!r} is not an S3 bucket name (3-63 of a-z, 0-9, '.' and '-')"
+                )
+        return ",".join(names)
+
     @field_validator(
         "s3_endpoint_url",
         "kafka_sasl_username",
@@ -264,6 +293,14 @@ class Settings(BaseSettings):
                 f"(flags {flag_name('kafka_sasl_username')}, {flag_name('kafka_sasl_password')})"
             )
         return self
+
+    def allowed_buckets(self) -> frozenset[str] | None:
+        """The buckets a task may name besides ``s3_bucket``; None when any may be named."""
+        if self.s3_allowed_buckets is None:
+            return frozenset()
+        if self.s3_allowed_buckets == "*":
+            return None
+        return frozenset(self.s3_allowed_buckets.split(","))
 
     def cache_path(self) -> Path:
         """The cache directory with ``~`` expanded."""

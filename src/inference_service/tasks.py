@@ -9,12 +9,14 @@ caller still publishes an error result with whatever identity the record carries
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from inference_service import strict_json
-from inference_service.domain import JsonObject, Task
+from inference_service.domain import JsonObject, Task, is_bucket_name
 from inference_service.errors import InvalidTaskError, NotJsonError
 from inference_service.results import Identity
+from inference_service.settings import env_name
 
 KEY_ALIASES = ("s3_key", "frame_path", "s3_path", "path")
 MAX_KEY_BYTES = 1024
@@ -59,7 +61,27 @@ def _loads_pruned(value: bytes) -> JsonObject | None:
     return obj if isinstance(obj, dict) else None
 
 
-def parse_task(obj: JsonObject, default_bucket: str) -> Task:
+@dataclass(frozen=True, slots=True)
+class TaskRules:
+    """Where a task may read its frame from (the service's settings, as a value)."""
+
+    default_bucket: str
+    """The bucket of a task that names none (``INFERENCE_S3_BUCKET``)."""
+    allowed_buckets: frozenset[str] | None
+    """The buckets a task may name, the default one among them; None: any bucket the
+    credentials reach (``INFERENCE_S3_ALLOWED_BUCKETS=*``)."""
+
+    @classmethod
+    def of(cls, default_bucket: str, allowed: frozenset[str] | None = frozenset()) -> TaskRules:
+        """Rules allowing ``default_bucket`` and ``allowed`` (None: any bucket)."""
+        return cls(default_bucket, None if allowed is None else allowed | {default_bucket})
+
+    def allows(self, bucket: str) -> bool:
+        """Whether a task may name ``bucket``."""
+        return self.allowed_buckets is None or bucket in self.allowed_buckets
+
+
+def parse_task(obj: JsonObject, rules: TaskRules) -> Task:
     """A validated task; raises ``InvalidTaskError`` naming the first problem."""
     video_id = obj.get("video_id")
     if not isinstance(video_id, str) or not video_id:
@@ -83,8 +105,15 @@ def parse_task(obj: JsonObject, default_bucket: str) -> Task:
     bucket_field = obj.get("bucket")
     if bucket_field is not None and (not isinstance(bucket_field, str) or not bucket_field):
         raise InvalidTaskError("bucket must be a non-empty string when given")
-    bucket, key = split_location(raw_key, bucket_field or default_bucket)
+    bucket, key = split_location(raw_key, bucket_field or rules.default_bucket)
     check_bucket(bucket)
+    if not rules.allows(bucket):
+        # Results are read by whoever sends tasks: no reading of buckets the operator did not
+        # name, whatever the credentials reach.
+        raise InvalidTaskError(
+            f"bucket {bucket!r} is not one this service reads: add it to "
+            f"{env_name('s3_allowed_buckets')} to allow it"
+        )
     check_key(key)
 
     task_id = obj.get("task_id")
@@ -118,8 +147,7 @@ def split_location(raw: str, bucket: str) -> tuple[str, str]:
 
 def check_bucket(bucket: str) -> None:
     """Refuse names that are not S3 bucket names (3-63 of a-z, 0-9, '.', '-')."""
-    ok = 3 <= len(bucket) <= 63 and all(c.islower() or c.isdigit() or c in ".-" for c in bucket)
-    if not ok or not bucket.isascii():
+    if not is_bucket_name(bucket):
         raise InvalidTaskError(f"bucket {bucket!r} is not a valid S3 bucket name")
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,8 @@ def test_bad_tasks_and_frames_get_error_results_and_dead_letters(
         good_ids.append(f"g:{i}")
         records.append(task("g", i, "ok.jpg"))
     pipeline.produce(records)
-    svc = pipeline.service()
+    # The missing bucket is allowed, so that it is looked up (and found missing).
+    svc = pipeline.service(INFERENCE_S3_ALLOWED_BUCKETS="no-such-bucket-zz")
     svc.wait_ready()
     n_results = sum(1 for b in bad if b[2] is not None) + len(good_ids)
     results = results_of(pipeline.read(pipeline.results_topic, expected=n_results, settle_s=3))
@@ -439,3 +441,51 @@ def test_sasl_credentials_reach_the_broker_and_refused_ones_stop_start_up(
     results = results_of(pipeline.read(pipeline.results_topic, expected=len(tasks)))
     assert len(results) == len(tasks) and all(r["status"] == "ok" for r in results)
     assert_ordered_per_video(results)
+
+
+def test_forbidden_and_unlisted_buckets_are_final_and_consumption_goes_on(
+    pipeline: Pipeline, s3_client: Any, s3_bucket: Callable[..., str], stack_env: dict[str, str]
+) -> None:
+    """As the stack's ``limited`` S3 identity (it may read ``frames*`` buckets only): a task on a
+    bucket it may not read gets one ``frame_forbidden`` result and dead letter, also for a key
+    that does not exist there (a 403, as on AWS without s3:ListBucket); a bucket missing from
+    INFERENCE_S3_ALLOWED_BUCKETS is ``invalid_task`` before any GET. The good task behind each,
+    in the same partition, is ``ok`` at once: nothing pauses, nothing is retried."""
+    good = render_jpegs(1, seed=5)[0]
+    private = s3_bucket("private")  # exists; the limited identity may not read it
+    unlisted = s3_bucket("frames")  # the identity may read it; the service is not told to
+    for bucket in (pipeline.bucket, private, unlisted):
+        s3_client.put_object(Bucket=bucket, Key="ok.jpg", Body=good)
+    bad = [
+        (f"s3://{private}/ok.jpg", "frame_forbidden"),
+        (f"s3://{private}/missing.jpg", "frame_forbidden"),
+        (f"s3://{unlisted}/ok.jpg", "invalid_task"),
+    ]
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for i, (key, _code) in enumerate(bad):
+        records.append(task("v", 2 * i, key))  # one video: the good task waits behind the bad
+        records.append(task("v", 2 * i + 1, "ok.jpg"))
+    pipeline.produce(records)
+    svc = pipeline.service(
+        AWS_ACCESS_KEY_ID=stack_env["STACK_S3_LIMITED_ACCESS_KEY_ID"],
+        AWS_SECRET_ACCESS_KEY=stack_env["STACK_S3_LIMITED_SECRET_ACCESS_KEY"],
+        INFERENCE_S3_ALLOWED_BUCKETS=private,
+    )
+    svc.wait_ready()
+    started = time.monotonic()
+    raw = pipeline.read(pipeline.results_topic, expected=len(records), timeout=60, settle_s=0)
+    took = time.monotonic() - started
+    results = results_of(raw)
+    assert [r["frame_id"] for r in results] == list(range(len(records))), svc.log_tail()
+    assert took < 30, f"{took:.1f} s for {len(records)} tasks: something was retried"
+    for i, (key, code) in enumerate(bad):
+        failed, after = results[2 * i], results[2 * i + 1]
+        assert failed["status"] == "error" and failed["error"]["code"] == code, failed
+        assert key.split("/")[2] in failed["error"]["message"], failed  # names the bucket
+        assert after["status"] == "ok" and after["detections"], after
+    assert "INFERENCE_S3_ALLOWED_BUCKETS" in results[4]["error"]["message"]
+    dlq = pipeline.read(pipeline.dlq_topic, expected=len(bad), settle_s=2)
+    assert [dict(h)["error.code"].decode() for _k, _v, h in dlq] == [c for _k, c in bad]
+    assert svc.proc is not None and svc.proc.poll() is None, "the service stays up"
+    assert svc.get("/readyz")[0] == 200
+    assert "pausing consumption" not in svc.log_tail(400)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from botocore.exceptions import ClientError
 from confluent_kafka import Consumer, KafkaError, Producer
@@ -188,6 +189,37 @@ def test_s3_refuses_wrong_credentials(
         assert put.value.response["Error"]["Code"] in refused
     finally:
         s3_client.delete_object(Bucket="frames", Key=key)
+
+
+@pytest.mark.s3
+def test_s3_limited_identity_reads_only_frames_buckets(
+    stack_env: dict[str, str], s3_client: Any, s3_bucket: Callable[..., str]
+) -> None:
+    """The second identity may read and list buckets named ``frames*`` and nothing else."""
+    from botocore.config import Config
+
+    readable, private = s3_bucket("frames"), s3_bucket("private")
+    for bucket in (readable, private):
+        s3_client.put_object(Bucket=bucket, Key="k.jpg", Body=b"frame")
+    limited = boto3.client(
+        "s3",
+        endpoint_url=stack_env["INFERENCE_S3_ENDPOINT_URL"],
+        aws_access_key_id=stack_env["STACK_S3_LIMITED_ACCESS_KEY_ID"],
+        aws_secret_access_key=stack_env["STACK_S3_LIMITED_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+    assert limited.get_object(Bucket=readable, Key="k.jpg")["Body"].read() == b"frame"
+    assert limited.list_objects_v2(Bucket=readable)["KeyCount"] == 1
+    for call in (
+        lambda: limited.get_object(Bucket=private, Key="k.jpg"),
+        lambda: limited.get_object(Bucket=private, Key="missing.jpg"),  # 403, not 404
+        lambda: limited.list_objects_v2(Bucket=private),
+        lambda: limited.put_object(Bucket=readable, Key="w.jpg", Body=b"x"),
+    ):
+        with pytest.raises(ClientError) as refused:
+            call()
+        assert refused.value.response["Error"]["Code"] == "AccessDenied"
 
 
 # --- the stack script ---------------------------------------------------------------------------

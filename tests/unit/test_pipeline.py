@@ -24,7 +24,7 @@ from inference_service.domain import (
 from inference_service.errors import FrameNotFoundError
 from inference_service.metrics import Metrics
 from inference_service.pipeline import Pipeline, PipelineConfig
-from inference_service.ports import PartitionListener, Published
+from inference_service.ports import Admit, PartitionListener, Published
 from inference_service.processing import Backoff, TaskProcessor
 
 TOPIC = "tasks"
@@ -173,7 +173,7 @@ class FakeStore:
     def __init__(self, missing: set[str] | None = None) -> None:
         self.missing = missing or set()
 
-    async def get(self, bucket: str, key: str) -> bytes:
+    async def get(self, bucket: str, key: str, admit: Admit | None = None) -> bytes:
         if key in self.missing:
             raise FrameNotFoundError(f"no object s3://{bucket}/{key}")
         return key.encode()

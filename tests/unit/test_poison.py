@@ -24,6 +24,7 @@ from inference_service.domain import (
     Priority,
     Record,
 )
+from inference_service.ports import Admit
 from inference_service.processing import Backoff, MessageLimits, TaskProcessor
 
 INFO = ModelInfo("best.pt", "0" * 64, (320, 320), 0.25, 0.45, "fake/fp32", ("disc",))
@@ -31,7 +32,7 @@ MAX_TASK_BYTES = 1 << 20
 
 
 class Store:
-    async def get(self, bucket: str, key: str) -> bytes:
+    async def get(self, bucket: str, key: str, admit: Admit | None = None) -> bytes:
         return b"frame"
 
     async def check(self, bucket: str) -> None:

@@ -19,7 +19,7 @@ class FakeStore:
         self.outages = outages
         self.calls = 0
 
-    async def get(self, bucket, key):
+    async def get(self, bucket, key, admit=None):
         self.calls += 1
         if self.outages > 0:
             self.outages -= 1
@@ -150,3 +150,46 @@ def test_a_frame_past_its_deadline_gives_a_schema_valid_inference_timeout_result
     jsonschema.validate(out.result, schemas.load("result"))
     assert dict(out.dead_letter.headers)["error.code"] == b"inference_timeout"
     assert STATUS_BY_CODE[InferenceTimeoutError.code] == 504
+
+
+def test_forbidden_frame_is_final_and_never_pauses():
+    from inference_service.errors import FrameForbiddenError
+
+    class Forbidding(FakeStore):
+        async def get(self, bucket, key, admit=None):
+            self.calls += 1
+            raise FrameForbiddenError(f"S3 refused to read s3://{bucket}/{key} (403 AccessDenied)")
+
+    store = Forbidding({})
+    proc = processor(store)
+    out = run(proc.process(record({"video_id": "v1", "frame_id": 2, "s3_key": "a.jpg"})))
+    assert out.status == "frame_forbidden" and out.result["error"]["code"] == "frame_forbidden"
+    assert dict(out.dead_letter.headers)["error.code"] == b"frame_forbidden"
+    assert store.calls == 1 and proc.health.healthy  # tried once; consumption never paused
+
+
+def test_other_buckets_are_refused_before_any_fetch_unless_allowed():
+    objects = {("frames", "a.jpg"): b"jpeg", ("cams", "a.jpg"): b"jpeg", ("x-1", "a.jpg"): b"jpeg"}
+    uri = {"video_id": "v1", "frame_id": 0, "s3_key": "s3://cams/a.jpg", "task_id": "t-0"}
+    field = {"video_id": "v1", "frame_id": 1, "s3_key": "a.jpg", "bucket": "x-1"}
+    own = {"video_id": "v1", "frame_id": 2, "s3_key": "a.jpg"}
+
+    def outcome(task, **rules):
+        store = FakeStore(objects)
+        proc = TaskProcessor(
+            store, FakeDetector(), "frames", backoff=Backoff(0.001, 0.002), **rules
+        )
+        return run(proc.process(record(task))), store.calls
+
+    for task in (uri, field):  # by default, the default bucket alone
+        out, calls = outcome(task)
+        assert out.result["error"]["code"] == "invalid_task" and calls == 0
+        assert "INFERENCE_S3_ALLOWED_BUCKETS" in out.result["error"]["message"]
+        assert out.dead_letter is not None
+    out, _ = outcome(uri)
+    assert (out.result["task_id"], out.result["frame_id"]) == ("t-0", 0)  # identity kept
+    assert outcome(own)[0].status == "ok"
+    assert outcome(uri, allowed_buckets=frozenset({"cams"}))[0].status == "ok"
+    assert outcome(field, allowed_buckets=frozenset({"cams"}))[0].status == "invalid_task"
+    assert outcome(own, allowed_buckets=frozenset({"cams"}))[0].status == "ok"
+    assert outcome(field, allowed_buckets=None)[0].status == "ok"  # "*"

@@ -83,3 +83,42 @@ def test_documented_table_lists_every_setting_once(monkeypatch):
         assert default == ("unset" if value is None else f"`{value}`"), variable
         assert overrides_from_args(parser.parse_args([flag, "x"])) == {name: "x"}, flag
         assert meaning == Settings.model_fields[name].description, variable
+
+
+@pytest.mark.parametrize(
+    ("value", "stored", "allowed"),
+    [
+        (None, None, frozenset()),  # unset: INFERENCE_S3_BUCKET alone
+        ("", None, frozenset()),
+        (" , ", None, frozenset()),
+        ("cams-a", "cams-a", frozenset({"cams-a"})),
+        (" cams-a, cams.b ,cams-a,, ", "cams-a,cams.b", frozenset({"cams-a", "cams.b"})),
+        ("*", "*", None),
+        (" * ", "*", None),
+    ],
+)
+def test_allowed_buckets_parse(monkeypatch, value, stored, allowed):
+    monkeypatch.delenv("INFERENCE_S3_ALLOWED_BUCKETS", raising=False)
+    if value is not None:
+        monkeypatch.setenv("INFERENCE_S3_ALLOWED_BUCKETS", value)
+    s = load_settings()
+    assert s.s3_allowed_buckets == stored
+    assert s.allowed_buckets() == allowed
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("Cams", "'Cams' is not an S3 bucket name"),
+        ("cams-a,x", "'x' is not an S3 bucket name"),
+        ("s3://cams-a", "'s3://cams-a' is not an S3 bucket name"),
+        ("cams-a,*", "'*' (any bucket) stands alone"),
+    ],
+)
+def test_bad_allowed_buckets_name_the_variable_and_the_rule(monkeypatch, value, needle):
+    monkeypatch.setenv("INFERENCE_S3_ALLOWED_BUCKETS", value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    message = str(err.value)
+    assert "INFERENCE_S3_ALLOWED_BUCKETS" in message and needle in message, message
+    assert "Accepted" in message

@@ -296,3 +296,19 @@ def test_annotate_draws_on_a_copy() -> None:
     assert not image.any()
     assert out[30, 60].any()  # the box's top edge
     assert not out[100, 250].any()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"SECRET-CONTENT, not an image",
+        b"\xff\xd8\xff\xe0SECRET\xde\xad\xbe\xef",  # a JPEG signature, then garbage
+    ],
+)
+def test_refusals_state_the_rule_not_the_content(data: bytes) -> None:
+    """A result is read by whoever sent the task: its message never quotes the object's bytes."""
+    with pytest.raises(UndecodableFrameError) as err:
+        decode_image(data, max_bytes=BIG, max_pixels=BIG)
+    message = err.value.message
+    assert "SECRET" not in message and data[:8].hex(" ") not in message, message
+    assert "de ad" not in message.lower() and "0xde" not in message.lower(), message

@@ -42,8 +42,11 @@ def image_size(data: bytes) -> tuple[str, int, int]:
     if data.startswith(_JPEG_MAGIC):
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data, strict=False)
-        except _SIMPLEJPEG_ERRORS as exc:
-            raise UndecodableFrameError(f"corrupt JPEG header: {exc}") from None
+        except _SIMPLEJPEG_ERRORS:
+            # libjpeg's own text may quote the stream's bytes: the message states the rule only.
+            raise UndecodableFrameError(
+                "corrupt or unsupported JPEG header: libjpeg-turbo cannot read it"
+            ) from None
         return "jpeg", int(width), int(height)
     if data.startswith(_PNG_MAGIC):
         # The IHDR chunk comes first: length(4) "IHDR"(4) width(4) height(4), big-endian.
@@ -57,9 +60,8 @@ def image_size(data: bytes) -> tuple[str, int, int]:
         return "bmp", abs(int(width)), abs(int(height))
     if data.startswith(_RIFF_MAGIC) and data[8:12] == _WEBP_MAGIC:
         return ("webp", *_webp_size(data))
-    head = data[:8].hex(" ")
     raise UndecodableFrameError(
-        f"not a supported image (JPEG, PNG, BMP or WebP expected); first bytes: {head}"
+        "not a supported image: the bytes start with no JPEG, PNG, BMP or WebP signature"
     )
 
 
@@ -113,7 +115,10 @@ def _decode_jpeg(data: bytes) -> ImageBGR:
         if "colorspace" in message.lower() or "CMYK" in message:
             # libjpeg-turbo converts neither CMYK nor YCCK to BGR; OpenCV does.
             return _decode_cv2(data, "jpeg")
-        raise UndecodableFrameError(f"corrupt or truncated JPEG: {message}") from None
+        # libjpeg's text may quote the stream's bytes (markers, offsets): state the rule only.
+        raise UndecodableFrameError(
+            "corrupt or truncated JPEG: libjpeg-turbo refused the stream (strict decoding)"
+        ) from None
     return np.ascontiguousarray(image)
 
 
