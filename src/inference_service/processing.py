@@ -243,14 +243,21 @@ class TaskProcessor:
         payload = strict_json.dumps(result)
         if not self._fits(record, payload):
             return self._too_large(record, identity, timings, len(payload))
+        return self._error_outcome(record, exc, result, payload, timings)
+
+    def _error_outcome(
+        self,
+        record: Record,
+        exc: TaskError,
+        result: JsonObject,
+        payload: bytes,
+        timings: dict[str, float],
+    ) -> Outcome:
+        """An error result that fits its topic, with the record's dead letter."""
         log.info(
             "task at %s[%d]@%d failed: %s: %s",
-            record.topic,
-            record.partition,
-            record.offset,
-            exc.code,
-            exc.message,
-        )
+            record.topic, record.partition, record.offset, exc.code, exc.message,
+        )  # fmt: skip
         return Outcome(
             key=_out_key(record),
             result=result,
@@ -275,17 +282,7 @@ class TaskProcessor:
         payload = strict_json.dumps(result)
         if not self._fits(record, payload):
             return self._dead_letter_only(record, exc)
-        log.info(
-            "task at %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc.message
-        )
-        return Outcome(
-            key=_out_key(record),
-            result=result,
-            dead_letter=self._dead_letter(record, exc),
-            status=str(exc.code),
-            timings_ms=timings,
-            payload=payload,
-        )
+        return self._error_outcome(record, exc, result, payload, timings)
 
     def _fits(self, record: Record, payload: bytes) -> bool:
         """Whether ``payload`` fits the results topic with the record's key and framing."""
