@@ -77,19 +77,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-    from inference_service.adapters.kafka import client_config
+    from inference_service.adapters.kafka import reader_config, writer_config
 
     settings = load_settings(overrides_from_args(args))
     source, target = settings.dlq_topic, args.to or settings.tasks_topic
-    consumer = Consumer({
-        **client_config(settings),
-        "group.id": args.group,
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        "isolation.level": "read_committed",
-        "enable.partition.eof": True,
-    })  # fmt: skip
-    producer = Producer({**client_config(settings), "enable.idempotence": True, "acks": "all"})
+    consumer = Consumer(reader_config(settings, args.group, **{"enable.partition.eof": True}))
+    producer = Producer(writer_config(settings))
     failed: list[str] = []
 
     def on_delivery(err: Any, _msg: Any) -> None:
