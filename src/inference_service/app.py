@@ -14,6 +14,7 @@ from aiohttp import web
 
 from inference_service.adapters.kafka import kafka_ready, message_limits, open_kafka
 from inference_service.adapters.s3 import S3FrameStore
+from inference_service.allocator import release_large_blocks
 from inference_service.budget import FrameBudget
 from inference_service.errors import ConfigError, InferenceError
 from inference_service.http_api import DetectLimits, Readiness, build_app
@@ -84,6 +85,7 @@ async def wait_for(
 
 async def serve(settings: Settings) -> int:
     """Run the service until SIGTERM or SIGINT; 0 on a clean stop."""
+    release_large_blocks()  # frame-sized buffers go back to the OS when freed (see allocator)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     stopping = threading.Event()

@@ -373,7 +373,13 @@ class DetectorPool:
             self._jobs[job_id] = _Job(payload, future, loop, priority)
             self._pending[priority].append(job_id)
             self._dispatch_locked()
-        return await future
+        try:
+            return await future
+        finally:
+            # A failed frame's exception keeps this frame alive through its traceback, and the
+            # future keeps the exception: unbound here, that cycle (which holds the frame's bytes
+            # until the garbage collector runs) never forms.
+            del future
 
     # --- dispatch (lock held) ----------------------------------------------------------------
 

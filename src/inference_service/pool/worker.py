@@ -18,6 +18,7 @@ from collections.abc import Callable
 from multiprocessing.synchronize import Event as MpEvent
 from typing import TYPE_CHECKING
 
+from inference_service.allocator import release_large_blocks
 from inference_service.domain import FrameDetections
 from inference_service.errors import InferenceFailedError, TaskError
 from inference_service.pool.messages import (
@@ -110,6 +111,7 @@ def worker_main(
         level=log_level,
         format="%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s",
     )
+    release_large_blocks()  # each frame's buffers are freed back to the OS (see allocator)
     parent = os.getppid()
     send_lock = threading.Lock()
 
