@@ -91,19 +91,20 @@ async def serve(settings: Settings) -> int:
     stopping = threading.Event()
     """The same request for the Kafka I/O thread, whose start-up retries must end on it."""
     pipeline: Pipeline | None = None
+    metrics = Metrics()
+    pool = DetectorPool(settings)
 
     def on_signal(signum: int) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
         stop.set()
         stopping.set()
+        pool.drain()  # a worker that exits now (the whole group got the signal) is not replaced
         if pipeline is not None:
             pipeline.stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    metrics = Metrics()
-    pool = DetectorPool(settings)
     store = S3FrameStore(settings)
     deps = {"kafka": False, "s3": False}
     frames = FrameBudget(settings.max_in_flight_bytes, largest_frame=settings.max_frame_bytes)

@@ -135,12 +135,23 @@ class TaskSource(Protocol):
         """Pause or resume every assigned partition, including partitions assigned later."""
         ...
 
-    async def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
-        """The group's committed offsets of ``partitions`` that have one ({} when unreadable)."""
+    async def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int | None]:
+        """The group's committed offsets of those ``partitions`` it could read, final (no
+        transaction pending on them); None where the group has none. A partition left out could
+        not be read."""
         ...
 
-    async def seek(self, positions: dict[Partition, int]) -> None:
-        """Continue each partition at its given offset."""
+    async def seek(self, positions: dict[Partition, int]) -> set[Partition]:
+        """Continue each partition at its given offset; the partitions whose seek succeeded."""
+        ...
+
+    async def hold(self, partitions: Sequence[Partition]) -> None:
+        """Keep ``partitions`` paused, whatever :meth:`set_paused` says, until :meth:`release`
+        or their revocation."""
+        ...
+
+    async def release(self, partitions: Sequence[Partition]) -> None:
+        """End :meth:`hold` of ``partitions`` (they resume unless consumption is paused)."""
         ...
 
     async def close(self) -> None:

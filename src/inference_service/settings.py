@@ -81,7 +81,15 @@ class Settings(BaseSettings):
     )
     transactional_id_prefix: str = Field(
         "inference-service",
-        description="Prefix of the transactional id (exactly_once); the host and pid are appended.",
+        description="Prefix of the transactional id (exactly_once): <prefix>-<instance id>.",
+    )
+    instance_id: str | None = Field(
+        None,
+        description="This replica's stable name in its transactional id (exactly_once), e.g. the "
+        "pod name of a StatefulSet: a replica restarted with the same id fences its previous "
+        "incarnation at once. Unset: the host name and the lowest slot free on this host "
+        "(<host>-0, <host>-1, ...; held by a lock file in the temp directory while it runs).",
+        pattern=r"^[A-Za-z0-9._-]{1,200}$",
     )
     transaction_timeout_ms: int = Field(
         60_000,

@@ -75,6 +75,12 @@ class FakeSource:
         self.polls = 0
         self.on_poll: Callable[[], None] | None = None
         self.on_pause_change: Callable[[bool], None] | None = None
+        self.held: set[Partition] = set()
+        self.unreadable = 0
+        """Upcoming ``committed`` calls that cannot read anything (a broker that does not answer)."""
+        self.failing_seeks = 0
+        """Upcoming ``seek`` calls that fail for every partition."""
+        self.committed_calls = 0
 
     @property
     def ready(self) -> bool:
@@ -95,6 +101,8 @@ class FakeSource:
             return []
         out: list[Record] = []
         for part, values in self.log.items():
+            if part in self.held:
+                continue
             while self.position[part] < len(values) and len(out) < max_records:
                 offset = self.position[part]
                 out.append(Record(TOPIC, part[1], offset, b"k", values[offset]))
@@ -107,12 +115,26 @@ class FakeSource:
         if self.on_pause_change is not None:
             self.on_pause_change(paused)
 
-    async def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
-        return {p: self.committed_offsets[p] for p in partitions if p in self.committed_offsets}
+    async def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int | None]:
+        self.committed_calls += 1
+        if self.unreadable:
+            self.unreadable -= 1
+            return {}
+        return {p: self.committed_offsets.get(p) for p in partitions}
 
-    async def seek(self, positions: dict[Partition, int]) -> None:
+    async def seek(self, positions: dict[Partition, int]) -> set[Partition]:
+        if self.failing_seeks:
+            self.failing_seeks -= 1
+            return set()
         self.seeks.append(dict(positions))
         self.position.update(positions)
+        return set(positions)
+
+    async def hold(self, partitions: Sequence[Partition]) -> None:
+        self.held.update(partitions)
+
+    async def release(self, partitions: Sequence[Partition]) -> None:
+        self.held.difference_update(partitions)
 
     async def close(self) -> None:
         assert self.listener is not None
@@ -399,6 +421,38 @@ def test_a_rewind_without_committed_offsets_resumes_at_the_cycle_s_first_record(
     pipeline = make_pipeline(source, sink, config(max_in_flight=4, max_poll_records=4))
     asyncio.run(run_until(pipeline, lambda: len(sink.topic) == n))
     assert source.seeks[0] == {(TOPIC, 0): 0}
+    assert published(sink) == {(TOPIC, 0): list(range(n))}
+
+
+def test_a_partition_whose_committed_offset_cannot_be_read_waits_and_repeats_nothing() -> None:
+    """The "late" commit went through although the sink reported the cycle failed; while the
+    group's offsets cannot be read the partition is held (never resumed at the cycle's first
+    record, which would publish that cycle twice), and it resumes at the committed offset."""
+    n = 24
+    source = FakeSource({0: [task_value("v", i) for i in range(n)]})
+    sink = FakeTransactionalSink(source)
+    sink.fail = ["late"]
+    source.unreadable = 3
+    pipeline = make_pipeline(source, sink, config(max_in_flight=4, max_poll_records=4))
+    asyncio.run(run_until(pipeline, lambda: len(sink.topic) == n))
+    assert source.committed_calls >= 4  # three unreadable answers, then the offsets
+    assert len(source.seeks) == 1
+    assert source.seeks[0][(TOPIC, 0)] == 4  # where the late commit left the group
+    assert published(sink) == {(TOPIC, 0): list(range(n))}  # no duplicate, no gap
+    assert not source.held
+
+
+def test_work_is_dropped_only_once_the_seek_succeeded() -> None:
+    """Seeks that fail leave the partition held with its work: nothing past the failed cycle is
+    published from the consumer's old position, and the records are not lost."""
+    n = 24
+    source = FakeSource({0: [task_value("v", i) for i in range(n)]})
+    sink = FakeTransactionalSink(source)
+    sink.fail = ["ok", "abort"]
+    source.failing_seeks = 4
+    pipeline = make_pipeline(source, sink, config(max_in_flight=4, max_poll_records=4))
+    asyncio.run(run_until(pipeline, lambda: len(sink.topic) == n))
+    assert len(source.seeks) == 1
     assert published(sink) == {(TOPIC, 0): list(range(n))}
 
 

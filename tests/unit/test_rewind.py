@@ -19,9 +19,18 @@ def test_a_transaction_that_committed_after_all_is_not_repeated() -> None:
     assert rewind_positions({P0: 40, P1: 7}, {P0: 52, P1: 9}) == {P0: 52, P1: 9}
 
 
-def test_partitions_without_a_readable_offset_fall_back_to_the_cycle() -> None:
-    assert rewind_positions({P0: 40, P1: 7, P2: 0}, {P1: 9}) == {P0: 40, P1: 9, P2: 0}
-    assert rewind_positions({P0: 40}, {}) == {P0: 40}
+def test_partitions_the_group_has_no_offset_for_resume_at_the_cycle() -> None:
+    assert rewind_positions({P0: 40, P1: 7, P2: 0}, {P0: None, P1: 9, P2: None}) == {
+        P0: 40,
+        P1: 9,
+        P2: 0,
+    }
+
+
+def test_partitions_whose_offset_could_not_be_read_do_not_move() -> None:
+    # never the cycle's first record: the failed cycle may have committed after all
+    assert rewind_positions({P0: 40, P1: 7}, {P1: 9}) == {P1: 9}
+    assert rewind_positions({P0: 40}, {}) == {}
 
 
 def test_only_the_failed_cycle_s_partitions_move() -> None:

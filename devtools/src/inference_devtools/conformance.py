@@ -132,7 +132,9 @@ def compare(
         agreement.max_box_dev = max(agreement.max_box_dev, dev)
         agreement.min_iou = min(agreement.min_iou, overlap)
         agreement.max_dconf = max(agreement.max_dconf, dconf)
-        box_ok = overlap >= iou_min or (strict and dev <= 1.0)
+        # A small box moves its IoU a lot for a pixel: fp32 may differ by 1 px, bf16 by 2 (seen on
+        # AMX: 1.17 px on a 29x49 px box at the image edge, IoU 0.939).
+        box_ok = overlap >= iou_min or dev <= (1.0 if strict else 2.0)
         if not box_ok or dconf > dconf_max:
             agreement.failures.append(
                 f"{where}: {best} vs reference {r}: IoU {overlap:.4f}, {dev:.2f} px, "

@@ -16,9 +16,13 @@
 * **Cadence.** A commit cycle publishes every ``commit_interval_s``, or sooner once a quarter of
   the in-flight room holds finished outcomes: one cycle per handful of results costs a broker more
   than the frames, while waiting for more starves the detector of room.
-* **A failed cycle** drops the work of its partitions and continues each at the group's committed
-  offset (a transaction that committed although the client saw it fail is not repeated), else at
-  the first record the cycle held; consumption then backs off.
+* **A failed cycle** holds its partitions (paused, nothing of theirs published) until the group's
+  committed offsets of them can be read, final, and the consumer has been sought there: only then
+  is their work dropped and are they resumed. A transaction that committed although the client saw
+  it fail is therefore never repeated, and a partition whose committed offset cannot be read (a
+  broker that does not answer) waits, retried with backoff, rather than resuming anywhere else.
+  Where the group has no committed offset yet, the partition continues at the cycle's first
+  record. Consumption then backs off.
 * **A revoked partition**'s work is dropped and never published; the new owner starts at the
   committed offset.
 """
@@ -71,12 +75,17 @@ class PipelineConfig:
 
 
 def rewind_positions(
-    first: dict[Partition, int], committed: dict[Partition, int]
+    first: dict[Partition, int], committed: dict[Partition, int | None]
 ) -> dict[Partition, int]:
-    """Where each partition resumes after a failed cycle: at the group's committed offset where it
-    has one (the broker knows whether a transaction committed after all), else at the first record
-    of the failed cycle."""
-    return {p: committed.get(p, offset) for p, offset in first.items()}
+    """Where each partition whose committed offset was read resumes after a failed cycle: at that
+    offset (the broker knows whether a transaction committed after all), or, where the group has
+    none, at the first record of the failed cycle. Partitions not read are left out: they wait."""
+    out: dict[Partition, int] = {}
+    for p, offset in first.items():
+        if p in committed:
+            known = committed[p]
+            out[p] = offset if known is None else known
+    return out
 
 
 class Pipeline:
@@ -102,6 +111,11 @@ class Pipeline:
         self._assigned: set[Partition] = set()
         self._paused = False
         self._failures = 0
+        self._unsettled: dict[Partition, int] = {}
+        """Held partitions of failed cycles (first offset of each) not yet sought to their
+        committed offsets: their work is neither published nor dropped meanwhile."""
+        self._settle_at = 0.0
+        self._settle_attempts = 0
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -131,6 +145,8 @@ class Pipeline:
                 await self._apply_backpressure()
                 # Never take more than the in-flight room left: the bound is exact.
                 room = max(1, cfg.max_in_flight - self._inflight.count)
+                if self._unsettled and time.monotonic() >= self._settle_at:
+                    await self._settle()
                 records = await self._source.poll(min(room, cfg.max_poll_records))
                 for record in records:
                     self._start(record)
@@ -195,7 +211,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ outcomes out
     async def _publish_finished(self) -> None:
-        finished = [f for f in self._inflight.take_finished() if f.partition in self._assigned]
+        finished = [
+            f
+            for f in self._inflight.take_finished(skip=self._unsettled)
+            if f.partition in self._assigned
+        ]
         try:
             outcome = await self._sink.publish(finished)
         except Exception:
@@ -210,29 +230,59 @@ class Pipeline:
         if not outcome.failed:
             self._failures = 0
             return
-        await self._rewind(outcome.rewind)
+        await self._hold(outcome.rewind)
         # The broker is unwell: back off before consuming again (the rewound records wait).
         delay = self._backoff.delay(self._failures)
         self._failures += 1
         log.warning("pausing %.1f s before consuming again", delay)
         await asyncio.sleep(delay)
 
-    async def _rewind(self, first: dict[Partition, int]) -> None:
-        """Drop the work of ``first``'s partitions and continue them where the group says."""
+    async def _hold(self, first: dict[Partition, int]) -> None:
+        """Hold ``first``'s partitions (those still assigned) until :meth:`_settle` has sought
+        them to where the group says; try that at once."""
         owned = {p: offset for p, offset in first.items() if p in self._assigned}
         if not owned:
             return
-        self._inflight.drop(list(owned))
-        positions = rewind_positions(owned, await self._source.committed(list(owned)))
+        for p, offset in owned.items():
+            self._unsettled[p] = min(offset, self._unsettled.get(p, offset))
+        await self._source.hold(list(owned))
+        self._settle_attempts = 0
+        await self._settle()
+
+    async def _settle(self) -> None:
+        """Seek each held partition to its committed offset once that can be read; drop its work
+        and release it only after the seek succeeded. What remains is tried again with backoff."""
+        for p in [p for p in self._unsettled if p not in self._assigned]:
+            del self._unsettled[p]  # revoked meanwhile: the new owner starts where the group says
+        if not self._unsettled:
+            return
+        held = dict(self._unsettled)
+        positions = rewind_positions(held, await self._source.committed(list(held)))
         for (topic, partition), offset in positions.items():
-            if offset != owned[(topic, partition)]:
+            if offset != held[(topic, partition)]:
                 log.warning(
                     "%s[%d]: the group's committed offset is %d, not %d: the failed cycle had "
                     "committed after all; resuming there (no result repeated)",
-                    topic, partition, offset, owned[(topic, partition)],
+                    topic, partition, offset, held[(topic, partition)],
                 )  # fmt: skip
-        await self._source.seek(positions)
-        log.warning("rewound %s", {f"{t}[{p}]": o for (t, p), o in positions.items()})
+        sought = await self._source.seek(positions) if positions else set()
+        sought &= set(self._unsettled)
+        if sought:
+            self._inflight.drop(list(sought))
+            for p in sought:
+                del self._unsettled[p]
+            await self._source.release(list(sought))
+            log.warning("rewound %s", {f"{t}[{n}]": positions[(t, n)] for t, n in sought})
+        if self._unsettled:
+            delay = self._backoff.delay(self._settle_attempts)
+            self._settle_attempts += 1
+            self._settle_at = time.monotonic() + delay
+            log.warning(
+                "%s held: committed offset unreadable or seek failed; trying again in %.1f s",
+                sorted(self._unsettled), delay,
+            )  # fmt: skip
+        else:
+            self._settle_attempts = 0
 
     def _count(self, items: list[Finished]) -> None:
         for f in items:
@@ -255,6 +305,8 @@ class Pipeline:
         def forget() -> None:
             self._assigned.difference_update(partitions)
             self._inflight.drop(list(partitions))
+            for p in partitions:
+                self._unsettled.pop(p, None)
 
         self._on_loop(forget)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from inference_service.domain import Finished, Outcome, Partition
@@ -64,10 +65,13 @@ class InFlight:
                 total += 1
         return total
 
-    def take_finished(self) -> list[Finished]:
-        """Remove and return the finished prefix of every lane, in order within each lane."""
+    def take_finished(self, skip: Collection[Partition] = ()) -> list[Finished]:
+        """Remove and return the finished prefix of every lane but ``skip``'s, in order within
+        each lane."""
         out: list[Finished] = []
         for partition, lane in self._lanes.items():
+            if partition in skip:
+                continue
             while lane and lane[0].work.done():
                 slot = lane.popleft()
                 self._count -= 1

@@ -190,6 +190,7 @@ class DetectorPool:
         self._respawn_at: dict[int, float] = {}
         self._monitor: threading.Thread | None = None
         self._closing = threading.Event()
+        self._draining = threading.Event()
         self._started = False
         self._stopped = False
         self._all_ready = threading.Event()
@@ -270,6 +271,11 @@ class DetectorPool:
             self._alone.clear()
         for job in jobs.values():
             self._settle(job, None, None, cancel=True)
+
+    def drain(self) -> None:
+        """The service is stopping: workers keep answering, but one that dies is not replaced
+        (its frames wait for the others, or end unanswered with the shutdown)."""
+        self._draining.set()
 
     def _shutdown_workers(self) -> None:
         with self._lock:
@@ -513,20 +519,21 @@ class DetectorPool:
                     f"detector worker {worker.index} exited with code {code} before its model "
                     f"was ready, {streak} times in a row"
                 )
-            # While start() fails with a worker's own load error, nothing is respawned.
-            if self._fatal is None or self._ever_ready:
+            # While start() fails with a worker's own load error, nothing is respawned; nor
+            # while the service stops.
+            respawn = (self._fatal is None or self._ever_ready) and not self._draining.is_set()
+            if respawn:
                 self._respawn_at[worker.index] = time.monotonic() + delay
             self._dispatch_locked()
         self._close_channels(worker)
         log.warning(
-            "detector worker %d (pid %s) died with exit code %s; %d frames retried, %d failed; "
-            "restarting it in %.2f s",
+            "detector worker %d (pid %s) died with exit code %s; %d frames retried, %d failed; %s",
             worker.index,
             worker.process.pid,
             code,
             len(retry),
             len(failed),
-            delay,
+            f"restarting it in {delay:.2f} s" if respawn else "not restarted (stopping)",
         )
         self._respawn_due()
         for job, error in failed:
@@ -686,7 +693,7 @@ class DetectorPool:
         now = time.monotonic()
         with self._lock:
             for index, at in list(self._respawn_at.items()):
-                if at <= now and not self._closing.is_set():
+                if at <= now and not self._closing.is_set() and not self._draining.is_set():
                     del self._respawn_at[index]
                     self._workers.append(self._spawn(index))
                     self._restarts += 1

@@ -12,6 +12,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -112,6 +113,11 @@ def worker_main(
         format="%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s",
     )
     release_large_blocks()  # each frame's buffers are freed back to the OS (see allocator)
+    # The supervisor alone stops a worker (stop event, Stop, or its own exit): a SIGTERM sent to
+    # the whole process group (systemd's default, Ctrl-C's SIGINT) must not cut the frames short
+    # that the service is finishing while it drains.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     send_lock = threading.Lock()
 

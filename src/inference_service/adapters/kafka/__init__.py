@@ -2,6 +2,7 @@
 
 * ``config``: client configuration (brokers, security) for every client of the project, and the
   start-up probe;
+* ``instance``: this replica's instance id, the stable half of its transactional id;
 * ``io``: the single I/O thread every librdkafka call runs on, and the hung-call watchdog;
 * ``source``: the consumer group as a ``TaskSource`` (rebalances, pause state, lag);
 * ``transactional``: the ``exactly_once`` sink (one transaction per commit cycle);
@@ -21,6 +22,7 @@ from inference_service.adapters.kafka.config import (
     reader_config,
     writer_config,
 )
+from inference_service.adapters.kafka.instance import InstanceId, claim_instance_id
 from inference_service.adapters.kafka.io import KafkaIO
 from inference_service.adapters.kafka.source import KafkaTaskSource
 from inference_service.adapters.kafka.transactional import TransactionalSink
@@ -31,9 +33,11 @@ from inference_service.settings import Settings
 
 __all__ = [
     "AcknowledgingSink",
+    "InstanceId",
     "KafkaIO",
     "KafkaTaskSource",
     "TransactionalSink",
+    "claim_instance_id",
     "client_config",
     "kafka_ready",
     "message_limits",
@@ -54,7 +58,8 @@ def open_kafka(
     source = KafkaTaskSource(settings, io, metrics)
     sink: ResultSink
     if settings.delivery == "exactly_once":
-        sink = TransactionalSink(settings, io, source, metrics, limits, stopping)
+        instance = claim_instance_id(settings)
+        sink = TransactionalSink(settings, io, source, metrics, limits, stopping, instance=instance)
     else:
         sink = AcknowledgingSink(settings, io, source, metrics, limits)
     return io, source, sink

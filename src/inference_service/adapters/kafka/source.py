@@ -28,6 +28,9 @@ POLL_WAIT_S = 0.05
 """How long one poll waits for records (short: the loop also publishes and applies pressure)."""
 LAG_EVERY_S = 5.0
 """How often the consumer-lag gauge is refreshed."""
+COMMITTED_TIMEOUT_S = 10.0
+"""Longest wait for committed offsets; one that cannot be read is asked again later, while its
+partition stays paused, instead of holding the I/O thread for a whole transaction timeout."""
 
 
 class KafkaTaskSource:
@@ -41,6 +44,8 @@ class KafkaTaskSource:
         self._listener: PartitionListener | None = None
         self._assigned: set[Partition] = set()
         self._paused = False
+        self._held: set[Partition] = set()
+        """Partitions kept paused whatever :meth:`set_paused` says (see :meth:`hold`)."""
         self._reapply_pause: list[TopicPartition] = []
         self._next_offset: dict[Partition, int] = {}
         """Per partition, the offset after the last record returned: a record below it is one the
@@ -70,11 +75,17 @@ class KafkaTaskSource:
     async def set_paused(self, paused: bool) -> None:
         await self._io.call(self._set_paused, paused)
 
-    async def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+    async def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int | None]:
         return await self._io.call(self._committed, list(partitions))
 
-    async def seek(self, positions: dict[Partition, int]) -> None:
-        await self._io.call(self._seek, positions)
+    async def seek(self, positions: dict[Partition, int]) -> set[Partition]:
+        return await self._io.call(self._seek, positions)
+
+    async def hold(self, partitions: Sequence[Partition]) -> None:
+        await self._io.call(self._hold, list(partitions), True)
+
+    async def release(self, partitions: Sequence[Partition]) -> None:
+        await self._io.call(self._hold, list(partitions), False)
 
     async def close(self) -> None:
         await self._io.call(self._close)
@@ -115,7 +126,7 @@ class KafkaTaskSource:
             self._reapply_pause.clear()
             if self._paused:
                 consumer.pause(fresh)
-            else:
+            else:  # a fresh assignment is never held: holds end with the revocation
                 consumer.resume(fresh)
         out: list[Record] = []
         for msg in messages:
@@ -150,7 +161,10 @@ class KafkaTaskSource:
         return True
 
     def _set_paused(self, paused: bool) -> None:
-        parts = [TopicPartition(t, p) for t, p in self._assigned]
+        if paused:
+            parts = [TopicPartition(t, p) for t, p in self._assigned]
+        else:  # held partitions stay paused until released
+            parts = [TopicPartition(t, p) for t, p in self._assigned - self._held]
         if parts:
             if paused:
                 self.consumer.pause(parts)
@@ -158,33 +172,53 @@ class KafkaTaskSource:
                 self.consumer.resume(parts)
         self._paused = paused
 
-    def _committed(self, partitions: list[Partition]) -> dict[Partition, int]:
-        """The group's committed offsets of ``partitions`` (those it has), or {} if unreadable.
+    def _committed(self, partitions: list[Partition]) -> dict[Partition, int | None]:
+        """The group's committed offsets of the ``partitions`` it could read (None: the group has
+        none); a partition left out could not be read.
 
-        Read as stable offsets: ``read_committed`` makes librdkafka wait out a transaction still
-        pending on them, up to the transaction timeout.
+        Read as stable offsets (``read_committed``): while a transaction on them is pending the
+        broker answers "unstable", which librdkafka retries until this call's timeout.
         """
         if not partitions:
             return {}
-        timeout = self._s.transaction_timeout_ms / 1000 + 10
         try:
             got = self.consumer.committed(
-                [TopicPartition(t, p) for t, p in partitions], timeout=timeout
+                [TopicPartition(t, p) for t, p in partitions], timeout=COMMITTED_TIMEOUT_S
             )
         except KafkaException as exc:
-            log.warning("could not read the committed offsets (%s)", exc)
+            log.warning("could not read the committed offsets of %s (%s)", partitions, exc)
             return {}
-        return {
-            (tp.topic, tp.partition): tp.offset for tp in got if tp.error is None and tp.offset >= 0
-        }
+        out: dict[Partition, int | None] = {}
+        for tp in got:
+            if tp.error is not None:
+                log.warning("could not read the committed offset of %s[%d] (%s)",
+                            tp.topic, tp.partition, tp.error)  # fmt: skip
+                continue
+            out[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else None
+        return out
 
-    def _seek(self, positions: dict[Partition, int]) -> None:
+    def _seek(self, positions: dict[Partition, int]) -> set[Partition]:
+        sought: set[Partition] = set()
         for (topic, partition), offset in positions.items():
-            self._next_offset[(topic, partition)] = offset
             try:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
             except KafkaException as exc:
                 log.warning("seek %s[%d]@%d failed: %s", topic, partition, offset, exc)
+                continue
+            self._next_offset[(topic, partition)] = offset
+            sought.add((topic, partition))
+        return sought
+
+    def _hold(self, partitions: list[Partition], held: bool) -> None:
+        parts = [p for p in partitions if p in self._assigned]
+        if held:
+            self._held.update(parts)
+            if parts:
+                self.consumer.pause([TopicPartition(t, p) for t, p in parts])
+            return
+        self._held.difference_update(partitions)
+        if parts and not self._paused:
+            self.consumer.resume([TopicPartition(t, p) for t, p in parts])
 
     # ------------------------------------------------------------------ rebalance callbacks
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -216,6 +250,7 @@ class KafkaTaskSource:
             self._listener.revoked(gone, lost=lost)
         for p in gone:
             self._assigned.discard(p)
+            self._held.discard(p)
             self._next_offset.pop(p, None)
         self._metrics.assigned_partitions.set(len(self._assigned))
 

@@ -1,26 +1,33 @@
 """``exactly_once``: each commit cycle is one Kafka transaction (results, dead letters, offsets).
 
 The consumed offsets go into the transaction with the consumer's group metadata, so an instance
-that lost its partitions (a zombie) is fenced by the group coordinator. A transaction that fails
-is aborted (the producer replaced when the error is fatal); a call that hangs past the watchdog
-abandons the producer and starts a new one. Either way the cycle is reported failed, with the first
-offset of each of its partitions, and the pipeline rewinds them.
+that lost its partitions (a zombie) is fenced by the group coordinator. The transactional id is
+``<prefix>-<instance id>`` (:mod:`.instance`), the same for every producer this process makes and
+for its next incarnation: each new producer's ``init_transactions`` fences the ones before it and
+settles the transaction they left open before it returns.
+
+A transaction that fails is aborted (the producer replaced when the error is fatal). A call that
+hangs past the watchdog abandons its producer (at most one is kept abandoned: while one still
+hangs, the next hang waits for it) and starts a new one under the same id, whose
+``init_transactions`` fences the abandoned one. Either way the cycle is reported failed with the
+first offset of each of its partitions; the pipeline continues them at the group's committed
+offsets once it can read them, so a commit that completed after all is never repeated.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from inference_service.adapters.kafka.config import service_producer_config
-from inference_service.adapters.kafka.io import KafkaIO, bounded
+from inference_service.adapters.kafka.instance import InstanceId, claim_instance_id
+from inference_service.adapters.kafka.io import WATCHDOG_S, Call, KafkaIO
 from inference_service.adapters.kafka.produce import produce_outcome
 from inference_service.adapters.kafka.source import KafkaTaskSource
 from inference_service.domain import Finished, Partition
@@ -28,17 +35,23 @@ from inference_service.errors import HungCallError, KafkaUnavailableError
 from inference_service.metrics import Metrics
 from inference_service.ports import Published
 from inference_service.processing import Backoff, MessageLimits
-from inference_service.settings import Settings
+from inference_service.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CALL_TIMEOUT_S = 10.0
 """Longest wait of one transactional call (send offsets, commit, abort)."""
 INIT_TIMEOUT_S = 30.0
 """``init_transactions``' own timeout."""
+INIT_WATCHDOG_S = INIT_TIMEOUT_S + 15.0
+"""``init_transactions`` is declared hung only well after its own timeout: during a coordinator
+outage it times out (and is retried on the same producer) rather than abandoning live producers."""
 COMMIT_ATTEMPTS = 3
 """Tries of a commit that fails retriably before the transaction is aborted and rewound."""
 FLUSH_ON_CLOSE_S = 10.0
+_HUNG_LOG_EVERY_S = 30.0
 
 
 class TransactionalSink:
@@ -53,6 +66,7 @@ class TransactionalSink:
         limits: MessageLimits | None = None,
         stopping: threading.Event | None = None,
         backoff: Backoff | None = None,
+        instance: InstanceId | None = None,
     ) -> None:
         self._s = settings
         self._limits = limits
@@ -61,10 +75,21 @@ class TransactionalSink:
         self._source = source
         self._metrics = metrics
         self._backoff = backoff or Backoff()
+        self._instance = instance
         self._producer: Producer | None = None
-        self._generation = 0
-        self._abandoned: list[Producer] = []
-        """Producers stuck inside librdkafka, kept referenced: destroying one blocks on its call."""
+        self._abandoned: tuple[Producer, Call[Any]] | None = None
+        """A producer stuck inside librdkafka and its hung call, kept referenced (destroying it
+        would block on that call) until the call returns."""
+        self._hung: Call[Any] | None = None
+        """The last call that outlived its watchdog (set by :meth:`_bounded`)."""
+        self._leaked: list[Producer] = []
+
+    @property
+    def transactional_id(self) -> str:
+        """``<prefix>-<instance id>``: the same for every producer of this instance."""
+        if self._instance is None:
+            self._instance = claim_instance_id(self._s)
+        return f"{self._s.transactional_id_prefix}-{self._instance.value}"
 
     async def open(self) -> None:
         await self._io.call(self._open)
@@ -78,65 +103,118 @@ class TransactionalSink:
         """Nothing to settle: only committed transactions count, and none is open between cycles."""
 
     async def close(self) -> None:
-        if self._producer is not None:
-            await self._io.call(self._producer.flush, FLUSH_ON_CLOSE_S)
+        try:
+            if self._producer is not None:
+                await self._io.call(self._producer.flush, FLUSH_ON_CLOSE_S)
+        finally:
+            if self._instance is not None:
+                self._instance.release()
 
     # ------------------------------------------------------------------ on the I/O thread
-    def _transactional_id(self) -> str:
-        """Unique per process and producer generation (two replicas on one host differ)."""
-        host, pid = socket.gethostname(), os.getpid()
-        return f"{self._s.transactional_id_prefix}-{host}-{pid}-{self._generation}"
-
     def _open(self) -> None:
-        self._producer = self._new_producer()
+        log.info("transactional id %s", self.transactional_id)
+        self._producer = self._start_producer()
 
-    def _make_producer(self) -> Producer:
-        return Producer(service_producer_config(self._s, self._transactional_id(), self._limits))
+    def _ensure_producer(self) -> Producer:
+        if self._producer is None:
+            self._producer = self._start_producer()
+        return self._producer
 
-    def _new_producer(self) -> Producer:
-        producer = Producer(
-            service_producer_config(self._s, self._transactional_id(), self._limits)
-        )
+    def _start_producer(self) -> Producer:
+        """A producer under this instance's transactional id, its transactions initialised.
+
+        Its ``init_transactions`` fences every earlier producer of the id (an abandoned one, or
+        the previous incarnation's) and returns only once the transaction they left open is
+        settled, so committed offsets read afterwards are final. Retries until it succeeds or the
+        service stops (then :class:`KafkaUnavailableError`).
+        """
+        producer = self._new_producer()
         attempt = 0
         while True:
-            try:
-                bounded("init_transactions", producer.init_transactions, INIT_TIMEOUT_S)
-                return producer
-            except HungCallError as exc:
-                log.error("%s; trying a new producer", exc)
-                self._abandoned.append(producer)
-                self._generation += 1
-                producer = Producer(
-                    service_producer_config(self._s, self._transactional_id(), self._limits)
+            if self._stopping.is_set():
+                raise KafkaUnavailableError("stopping before the transactional producer started")
+            call: Call[None] = Call("init_transactions", producer.init_transactions, INIT_TIMEOUT_S)
+            if not self._wait_out(call, INIT_WATCHDOG_S):
+                if self._stopping.is_set():
+                    raise KafkaUnavailableError("stopping while init_transactions did not return")
+                log.error(
+                    "init_transactions did not return within %.0f s; trying a new producer",
+                    INIT_WATCHDOG_S,
                 )
+                self._abandon(producer, call)
+                producer = self._new_producer()
+                continue
+            try:
+                call.result()
+                return producer
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
                 if not err.retriable():
                     raise
-                if self._stopping.is_set():
-                    raise KafkaUnavailableError(
-                        f"stopping while the transactional producer could not start: {err}"
-                    ) from exc
                 delay = self._backoff.delay(attempt)
                 log.warning("init_transactions failed (%s); retrying in %.1f s", err, delay)
-                time.sleep(delay)
+                self._stopping.wait(delay)
                 attempt += 1
+
+    def _new_producer(self) -> Producer:
+        return Producer(service_producer_config(self._s, self.transactional_id, self._limits))
+
+    def _wait_out(self, call: Call[Any], watchdog_s: float) -> bool:
+        """Wait for ``call`` up to ``watchdog_s``; False if it is still running then (or the
+        service stops first)."""
+        return call.wait(watchdog_s, self._stopping)
+
+    def _bounded(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` under the watchdog; :class:`HungCallError` (``_hung`` set) on a hang."""
+        call: Call[T] = Call(what, fn, *args)
+        if not call.wait(WATCHDOG_S):
+            self._hung = call
+            raise HungCallError(f"{what} did not return within {WATCHDOG_S:.0f} s")
+        return call.result()
+
+    def _abandon(self, producer: Producer, call: Call[Any]) -> None:
+        """Keep ``producer`` (stuck in ``call``) referenced; at most one is kept, so while an
+        earlier one still hangs this waits for it first (until the service stops)."""
+        if self._abandoned is not None:
+            old, old_call = self._abandoned
+            waited = 0.0
+            while not old_call.wait(_HUNG_LOG_EVERY_S, self._stopping):
+                if self._stopping.is_set():
+                    break
+                waited += _HUNG_LOG_EVERY_S
+                log.error(
+                    "a producer abandoned in %s is still stuck after %.0f s more; waiting for it "
+                    "before abandoning another",
+                    old_call.what, waited,
+                )  # fmt: skip
+            if old_call.done:
+                _dispose(old)
+            else:  # stopping: keep it referenced to the end rather than block on destroying it
+                self._leaked.append(old)
+        self._abandoned = (producer, call)
+        if self._producer is producer:
+            self._producer = None
 
     def _commit_transaction(self, items: list[Finished]) -> Published:
         """One transaction with the results and the offsets after them."""
-        producer = self._require_producer()
         offsets: dict[Partition, int] = {}
         first: dict[Partition, int] = {}
         for f in items:
             offsets[f.partition] = f.offset + 1
             first.setdefault(f.partition, f.offset)
+        try:
+            producer = self._ensure_producer()
+        except (KafkaException, KafkaUnavailableError) as exc:
+            self._metrics.transactions.labels("failed").inc()
+            log.warning("no transactional producer (%s); rewinding", exc)
+            return Published(rewind=first)
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         started = time.monotonic()
         try:
             producer.begin_transaction()
             for f in items:
                 produce_outcome(producer, self._s, f)
-            bounded(
+            self._bounded(
                 "send_offsets_to_transaction",
                 producer.send_offsets_to_transaction,
                 tps,
@@ -147,22 +225,29 @@ class TransactionalSink:
         except HungCallError as exc:
             self._metrics.transactions.labels("aborted").inc()
             log.error("%s; abandoning the producer, replacing it and rewinding", exc)
-            self._abandon_producer()
+            self._replace_hung(producer)
             return Published(rewind=first)
         except Exception as exc:
             self._metrics.transactions.labels("aborted").inc()
             if not isinstance(exc, KafkaException):
                 # Not the broker: a bug while producing. Abort, so no half cycle stays open.
                 log.exception("transaction failed unexpectedly; aborting and rewinding")
-                self._abort_quietly()
+                self._abort_quietly(producer)
                 return Published(rewind=first)
             err: KafkaError = exc.args[0]
             if err.fatal():
-                log.error("fatal producer error, replacing the producer: %s", err)
-                self._replace_producer()
+                hint = ""
+                if err.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED):
+                    hint = (
+                        " (fenced: does another running replica use transactional id "
+                        f"{self.transactional_id}? {env_name('instance_id')} must differ per "
+                        "replica)"
+                    )
+                log.error("fatal producer error, replacing the producer: %s%s", err, hint)
+                self._replace_producer(producer)
             else:
                 log.warning("transaction failed (%s); aborting and rewinding", err)
-                self._abort_quietly()
+                self._abort_quietly(producer)
             return Published(rewind=first)
         self._metrics.transactions.labels("committed").inc()
         if log.isEnabledFor(logging.DEBUG):
@@ -177,7 +262,7 @@ class TransactionalSink:
     def _commit_with_retries(self, producer: Producer) -> None:
         for attempt in range(COMMIT_ATTEMPTS):
             try:
-                bounded("commit_transaction", producer.commit_transaction, CALL_TIMEOUT_S)
+                self._bounded("commit_transaction", producer.commit_transaction, CALL_TIMEOUT_S)
                 return
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
@@ -187,34 +272,46 @@ class TransactionalSink:
                 log.warning("commit failed (%s); retrying", err)
                 time.sleep(self._backoff.delay(attempt))
 
-    def _abandon_producer(self) -> None:
-        """Replace a producer stuck inside librdkafka, keeping the old one referenced.
-
-        Its open transaction is aborted by the broker after ``transaction.timeout.ms``.
-        """
-        if self._producer is not None:
-            self._abandoned.append(self._producer)
-        self._generation += 1
-        self._producer = self._new_producer()
-
-    def _replace_producer(self) -> None:
-        if self._producer is not None:
-            with contextlib.suppress(Exception):
-                self._producer.flush(0)
-        self._producer = self._new_producer()
-
-    def _abort_quietly(self) -> None:
-        producer = self._require_producer()
+    def _replace_hung(self, producer: Producer) -> None:
+        """Abandon ``producer`` (its call hung) and start its replacement at once: the
+        replacement's ``init_transactions`` fences it before any committed offset is read."""
+        hung = self._hung
+        self._hung = None
+        if hung is not None:
+            self._abandon(producer, hung)
+        self._producer = None
         try:
-            bounded("abort_transaction", producer.abort_transaction, CALL_TIMEOUT_S)
+            self._producer = self._start_producer()
+        except (KafkaException, KafkaUnavailableError) as exc:
+            log.warning("the replacement producer did not start (%s); retried next cycle", exc)
+
+    def _replace_producer(self, producer: Producer) -> None:
+        with contextlib.suppress(Exception):
+            producer.flush(0)
+        self._producer = None
+        try:
+            self._producer = self._start_producer()
+        except (KafkaException, KafkaUnavailableError) as exc:
+            log.warning("the replacement producer did not start (%s); retried next cycle", exc)
+
+    def _abort_quietly(self, producer: Producer) -> None:
+        try:
+            self._bounded("abort_transaction", producer.abort_transaction, CALL_TIMEOUT_S)
         except HungCallError as exc:
             log.error("%s; abandoning the producer", exc)
-            self._abandon_producer()
+            self._replace_hung(producer)
         except KafkaException as exc:
             log.warning("abort failed (%s); replacing the producer", exc)
-            self._replace_producer()
+            self._replace_producer(producer)
 
-    def _require_producer(self) -> Producer:
-        if self._producer is None:
-            raise RuntimeError("the sink is not open: call open() first")
-        return self._producer
+
+def _dispose(producer: Producer) -> None:
+    """Drop the last reference to ``producer`` on a thread of its own: destroying a producer
+    waits for librdkafka's threads, which must not hold up the I/O thread."""
+    holder = [producer]
+    del producer
+
+    def destroy() -> None:
+        holder.clear()
+
+    threading.Thread(target=destroy, name="kafka-dispose", daemon=True).start()
