@@ -81,14 +81,14 @@ class Settings(BaseSettings):
     )
     transactional_id_prefix: str = Field(
         "inference-service",
-        description="Prefix of the transactional id (exactly_once): <prefix>-<instance id>.",
+        description="Transactional id prefix (exactly_once): <prefix>-<group>-<instance id>.",
     )
     instance_id: str | None = Field(
         None,
         description="This replica's stable name in its transactional id (exactly_once), e.g. the "
         "pod name of a StatefulSet: a replica restarted with the same id fences its previous "
-        "incarnation at once. Unset: the host name and the lowest slot free on this host "
-        "(<host>-0, <host>-1, ...; held by a lock file in the temp directory while it runs).",
+        "incarnation at once. Unset: the host name and the lowest slot free among the processes "
+        "of this network namespace (<host>-0, <host>-1, ...; held while the process runs).",
         pattern=r"^[A-Za-z0-9._-]{1,200}$",
     )
     transaction_timeout_ms: int = Field(

@@ -255,14 +255,17 @@ def test_broker_killed_while_transactions_are_open(
     assert b.proc is not None and b.proc.poll() is None, b.log_tail()
 
 
+@pytest.mark.parametrize("delivery", ["exactly_once", "at_least_once"])
 @pytest.mark.usefixtures("broker_restored")
-def test_broker_frozen_past_every_watchdog(pipeline6: Pipeline, s3_client: Any) -> None:
+def test_broker_frozen_past_every_watchdog(
+    pipeline6: Pipeline, s3_client: Any, delivery: str
+) -> None:
     """SIGSTOP for 105 s (past the 25 s call watchdog, init_transactions' 45 s and the offset
     fetch's own timeout), then SIGCONT: every call in flight hangs, producers are abandoned and
-    replaced under the same transactional id; 0 duplicates, 0 lost."""
+    replaced under the same transactional id; 0 lost, and 0 duplicates under exactly_once."""
     tasks = upload(pipeline6, s3_client, videos=6, frames=40)
-    a = pipeline6.service(**FAST_FAILOVER)
-    b = pipeline6.service(**FAST_FAILOVER)
+    opts = {**FAST_FAILOVER, "INFERENCE_DELIVERY": delivery}
+    a, b = pipeline6.service(**opts), pipeline6.service(**opts)
     a.wait_ready()
     b.wait_ready()
     with Stream(pipeline6, tasks, per_s=20):
@@ -274,7 +277,7 @@ def test_broker_frozen_past_every_watchdog(pipeline6: Pipeline, s3_client: Any) 
             signal_broker(signal.SIGCONT)
         time_to_resume([a, b], "broker resumed (SIGCONT after 105 s)")
     tally = read_all(pipeline6, len(tasks), timeout=400)
-    check(tally, tasks, "exactly_once", in_flight=0)
+    check(tally, tasks, delivery, in_flight=2 * 2 * int(opts["INFERENCE_MAX_IN_FLIGHT"]))
     for svc in (a, b):
         assert svc.proc is not None and svc.proc.poll() is None, svc.log_tail()
 
@@ -312,13 +315,45 @@ def test_rebalance_storm(pipeline6: Pipeline, s3_client: Any, delivery: str) -> 
     check(tally, tasks, delivery, in_flight=(kills + 1) * 2 * int(opts["INFERENCE_MAX_IN_FLIGHT"]))
 
 
+class Watermarks:
+    """The results topic's end offsets as a ``read_uncommitted`` and a ``read_committed`` reader
+    see them: where they differ, a transaction is open on that partition (the last stable
+    offset stops at its first record until it is committed or aborted)."""
+
+    def __init__(self, pipeline: Pipeline, partitions: int = 3) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        self._tps = [TopicPartition(pipeline.results_topic, p) for p in range(partitions)]
+
+        def reader(level: str) -> Any:
+            return Consumer({"bootstrap.servers": pipeline.bootstrap, "group.id": f"wm-{level}",
+                             "isolation.level": level, "log_level": 0})  # fmt: skip
+
+        self._readers = {level: reader(level) for level in ("read_uncommitted", "read_committed")}
+
+    def open_transactions(self) -> int:
+        """Partitions whose last stable offset is behind their high watermark."""
+        behind = 0
+        for tp in self._tps:
+            _lo, high = self._readers["read_uncommitted"].get_watermark_offsets(tp, timeout=5)
+            _lo, stable = self._readers["read_committed"].get_watermark_offsets(tp, timeout=5)
+            behind += stable < high
+        return behind
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+
 def test_a_replica_killed_and_restarted_with_its_instance_id_resumes_at_once(
     pipeline: Pipeline, s3_client: Any
 ) -> None:
-    """The restarted replica's init_transactions fences its previous incarnation and aborts the
-    transaction it left open: results resume well before the transaction timeout (60 s) would
-    have released the partitions to readers. What is left is start-up (model, workers) and the
-    group noticing the dead member (its session timeout, 6 s here)."""
+    """The replica is SIGKILLed while one of its transactions is open (caught by freezing it at
+    random moments until the results topic shows an open transaction). Restarted with the same
+    instance id, its init_transactions fences its previous incarnation and aborts that
+    transaction: ``read_committed`` readers are unblocked and see new results well before the
+    transaction timeout (60 s) would have aborted it. What is left is start-up (model, workers)
+    and the group noticing the dead member (its session timeout, 6 s here)."""
     tasks = upload(pipeline, s3_client, videos=3, frames=80)
     opts = {"INFERENCE_INSTANCE_ID": f"fixed-{uuid.uuid4().hex[:6]}",
             "INFERENCE_TRANSACTION_TIMEOUT_MS": "60000",
@@ -326,18 +361,37 @@ def test_a_replica_killed_and_restarted_with_its_instance_id_resumes_at_once(
     first = pipeline.service(**opts)
     first.wait_ready()
     pipeline.produce(tasks[:120])
-    wait_metric(first, "inference_results_total", 30)
-    first.signal(signal.SIGKILL)
-    first.wait(timeout=30)
-    pipeline.produce(tasks[120:])
-    started = time.monotonic()
-    second = pipeline.service(**opts)
-    wait_metric(second, "inference_results_total", 1, timeout=60)
-    recovery = time.monotonic() - started
-    ready_at = time.monotonic()
+    wait_metric(first, "inference_results_total", 10)
+    marks = Watermarks(pipeline)
+    rng = random.Random(7)
+    try:
+        for _ in range(300):
+            first.signal(
+                signal.SIGSTOP
+            )  # the service's threads, librdkafka's included, stand still
+            if marks.open_transactions():
+                break
+            first.signal(signal.SIGCONT)
+            time.sleep(rng.uniform(0.0, 0.05))
+        else:
+            pytest.fail("never caught the service with a transaction open")
+        first.signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        assert marks.open_transactions(), "the dead replica's transaction is open"
+        pipeline.produce(tasks[120:])
+        started = time.monotonic()
+        second = pipeline.service(**opts)
+        deadline = started + 60
+        while marks.open_transactions() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        unblocked = time.monotonic() - started
+        wait_metric(second, "inference_results_total", 1, timeout=60)
+        recovery = time.monotonic() - started
+    finally:
+        marks.close()
     tally = read_all(pipeline, len(tasks))
     print(f"\nrecovery: {recovery:.1f} s from the restart to the first new result "
-          f"(read back {time.monotonic() - ready_at:.1f} s later)")  # fmt: skip
+          f"(readers unblocked after {unblocked:.1f} s)")  # fmt: skip
     check(tally, tasks, "exactly_once", in_flight=0)
     assert recovery < 10, f"first new result {recovery:.1f} s after the restart"
 

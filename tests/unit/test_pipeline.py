@@ -22,7 +22,7 @@ from inference_service.domain import (
     Priority,
     Record,
 )
-from inference_service.errors import FrameNotFoundError
+from inference_service.errors import ConfigError, FrameNotFoundError
 from inference_service.metrics import Metrics
 from inference_service.pipeline import Pipeline, PipelineConfig
 from inference_service.ports import Admit, PartitionListener, Published
@@ -176,6 +176,8 @@ class FakeTransactionalSink:
         mode = self.fail.pop(0) if self.fail else "ok"
         if mode == "raise":
             raise RuntimeError("a sink bug")
+        if mode == "config":
+            raise ConfigError("INFERENCE_INSTANCE_ID is shared")
         if mode != "abort":
             self.topic.extend(finished)
             self.cycles.append((time.monotonic(), len(finished)))
@@ -454,6 +456,17 @@ def test_work_is_dropped_only_once_the_seek_succeeded() -> None:
     asyncio.run(run_until(pipeline, lambda: len(sink.topic) == n))
     assert len(source.seeks) == 1
     assert published(sink) == {(TOPIC, 0): list(range(n))}
+
+
+def test_a_configuration_error_of_the_sink_stops_the_loop() -> None:
+    """Unlike a sink bug (the cycle is retried), a setting to fix ends the service with its
+    message: retrying cannot help."""
+    source = FakeSource({0: [task_value("v", i) for i in range(8)]})
+    sink = FakeTransactionalSink(source)
+    sink.fail = ["config"]
+    pipeline = make_pipeline(source, sink, config(max_in_flight=4, max_poll_records=4))
+    with pytest.raises(ConfigError, match="INFERENCE_INSTANCE_ID"):
+        asyncio.run(asyncio.wait_for(pipeline.run(), timeout=10))
 
 
 def test_bad_tasks_get_error_results_in_their_place() -> None:

@@ -4,10 +4,12 @@ instance id behind its transactional id, against a scripted stand-in for librdka
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -22,7 +24,7 @@ from inference_service.adapters.kafka.transactional import (
     TransactionalSink,
 )
 from inference_service.domain import Finished, Outcome
-from inference_service.errors import KafkaUnavailableError
+from inference_service.errors import ConfigError, KafkaUnavailableError
 from inference_service.metrics import Metrics
 from inference_service.processing import Backoff
 from inference_service.settings import Settings
@@ -136,7 +138,7 @@ def test_a_hung_commit_is_replaced_under_the_same_transactional_id() -> None:
     release.set()
     assert outcome.rewind == {("tasks", 0): 7}
     ids = {p.config["transactional.id"] for p in FakeProducer.made}
-    assert ids == {"inference-service-replica-a"}
+    assert ids == {"inference-service-inference-group-replica-a"}  # prefix, group, instance
     assert len(FakeProducer.made) == 2
     assert FakeProducer.made[1].calls == ["init"]  # initialised (fencing) before publish returned
 
@@ -188,6 +190,27 @@ def test_at_most_one_producer_is_kept_abandoned() -> None:
     assert FakeProducer.made[2].created >= returned_at[0]
 
 
+def test_a_transactional_id_shared_with_a_live_replica_stops_the_service() -> None:
+    """Fenced again and again: another running replica has this id. Replacing the producer each
+    time would fence that one in turn, forever; the service stops naming the setting instead."""
+
+    def script(_producer: FakeProducer, call: str) -> None:
+        if call == "commit":
+            raise KafkaException(KafkaError(KafkaError.PRODUCER_FENCED, "fenced", fatal=True))
+
+    FakeProducer.script = staticmethod(script)
+    sink = make_sink()
+
+    async def go() -> None:
+        await sink.open()
+        for _ in range(transactional.FENCES_BEFORE_GIVING_UP):
+            outcome = await sink.publish(items())
+            assert outcome.failed
+
+    with pytest.raises(ConfigError, match="INFERENCE_INSTANCE_ID"):
+        asyncio.run(go())
+
+
 def _failing_init(_producer: FakeProducer, call: str) -> None:
     if call == "init":
         time.sleep(0.05)
@@ -215,30 +238,41 @@ def test_stopping_ends_start_up_during_a_coordinator_outage(script: Script) -> N
 
 # ------------------------------------------------------------------------------------ instance ids
 def test_replicas_on_one_host_get_distinct_slots_and_a_restart_takes_its_old_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("socket.gethostname", lambda: "node/7")
     settings = Settings()
-    a = claim_instance_id(settings, tmp_path)
-    b = claim_instance_id(settings, tmp_path)
+    space = f"test-{uuid.uuid4().hex}"
+    a = claim_instance_id(settings, space)
+    b = claim_instance_id(settings, space)
     assert (a.value, b.value) == ("node_7-0", "node_7-1")
     a.release()  # as the kernel does when a crashed replica's process ends
-    c = claim_instance_id(settings, tmp_path)
+    c = claim_instance_id(settings, space)
     assert c.value == "node_7-0"
     b.release()
     c.release()
 
 
-def test_a_configured_instance_id_is_used_as_it_is(tmp_path: Path) -> None:
-    claim = claim_instance_id(Settings(instance_id="pod-3"), tmp_path)
+def test_a_slot_is_held_by_the_process_not_by_its_children() -> None:
+    """A worker process spawned by the service must not keep the slot after the service died."""
+    space = f"test-{uuid.uuid4().hex}"
+    claim = claim_instance_id(Settings(), space)
+    code = (
+        "import sys; from inference_service.adapters.kafka.instance import claim_instance_id;"
+        "from inference_service.settings import Settings;"
+        f"print(claim_instance_id(Settings(), {space!r}).value)"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout.strip().endswith("-1")  # another process sees slot 0 taken
+    claim.release()
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert again.stdout.strip().endswith("-0")
+
+
+def test_a_configured_instance_id_is_used_as_it_is() -> None:
+    claim = claim_instance_id(Settings(instance_id="pod-3"))
     assert claim.value == "pod-3"
-    assert not list(tmp_path.iterdir())
-
-
-def test_an_unwritable_lock_directory_falls_back_to_a_unique_id(tmp_path: Path) -> None:
-    missing = tmp_path / "not-there"
-    claim = claim_instance_id(Settings(), missing)
-    assert "-pid-" in claim.value
+    assert claim._slot is None
 
 
 def test_an_instance_id_a_transactional_id_cannot_hold_is_refused() -> None:

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from inference_service.domain import Finished, Partition, Record
+from inference_service.errors import ConfigError
 from inference_service.metrics import Metrics
 from inference_service.pipeline.ordering import InFlight
 from inference_service.ports import Published, ResultSink, TaskSource
@@ -218,6 +219,8 @@ class Pipeline:
         ]
         try:
             outcome = await self._sink.publish(finished)
+        except ConfigError:
+            raise  # a setting to fix (e.g. a transactional id shared by two replicas): stop
         except Exception:
             # A sink that fails in a way it did not foresee must not end the service: the cycle
             # counts as failed and its records are consumed again.

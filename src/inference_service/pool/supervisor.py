@@ -218,7 +218,7 @@ class DetectorPool:
         self._monitor.start()
         timeout_s = self._settings.startup_timeout_s
         ok = await asyncio.to_thread(self._wait_ready, timeout_s)
-        if not ok and self._closing.is_set():
+        if not ok and (self._closing.is_set() or self._draining.is_set()):
             log.info("detector pool stopped before it was ready")
             return
         if not ok:
@@ -247,7 +247,7 @@ class DetectorPool:
         (0: no limit, as for the setting)."""
         deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
         while time.monotonic() < deadline:
-            if self._fatal is not None or self._closing.is_set():
+            if self._fatal is not None or self._closing.is_set() or self._draining.is_set():
                 return False
             if self._all_ready.wait(POLL_S):
                 return True

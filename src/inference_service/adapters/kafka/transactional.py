@@ -31,7 +31,7 @@ from inference_service.adapters.kafka.io import WATCHDOG_S, Call, KafkaIO
 from inference_service.adapters.kafka.produce import produce_outcome
 from inference_service.adapters.kafka.source import KafkaTaskSource
 from inference_service.domain import Finished, Partition
-from inference_service.errors import HungCallError, KafkaUnavailableError
+from inference_service.errors import ConfigError, HungCallError, KafkaUnavailableError
 from inference_service.metrics import Metrics
 from inference_service.ports import Published
 from inference_service.processing import Backoff, MessageLimits
@@ -51,7 +51,14 @@ outage it times out (and is retried on the same producer) rather than abandoning
 COMMIT_ATTEMPTS = 3
 """Tries of a commit that fails retriably before the transaction is aborted and rewound."""
 FLUSH_ON_CLOSE_S = 10.0
+STOPPING_WATCHDOG_S = 5.0
+"""The watchdog once the service is stopping: a broker that does not answer must not hold the
+shutdown past a pod's grace period (the cycle is rewound; the next owner redoes it)."""
+FENCES_BEFORE_GIVING_UP = 3
+"""Fenced this many times within ``FENCE_WINDOW_S``, the id is shared with a live replica."""
+FENCE_WINDOW_S = 120.0
 _HUNG_LOG_EVERY_S = 30.0
+_ABANDONED_WAIT_MARGIN_S = 30.0
 
 
 class TransactionalSink:
@@ -83,13 +90,16 @@ class TransactionalSink:
         self._hung: Call[Any] | None = None
         """The last call that outlived its watchdog (set by :meth:`_bounded`)."""
         self._leaked: list[Producer] = []
+        """Abandoned producers whose call never returned, kept referenced to the end."""
+        self._fences: list[float] = []
 
     @property
     def transactional_id(self) -> str:
-        """``<prefix>-<instance id>``: the same for every producer of this instance."""
+        """``<prefix>-<group>-<instance id>``: the same for every producer of this instance; the
+        group keeps two deployments with the same host or pod names apart."""
         if self._instance is None:
             self._instance = claim_instance_id(self._s)
-        return f"{self._s.transactional_id_prefix}-{self._instance.value}"
+        return f"{self._s.transactional_id_prefix}-{self._s.group_id}-{self._instance.value}"
 
     async def open(self) -> None:
         await self._io.call(self._open)
@@ -166,34 +176,61 @@ class TransactionalSink:
 
     def _bounded(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` under the watchdog; :class:`HungCallError` (``_hung`` set) on a hang."""
+        watchdog = STOPPING_WATCHDOG_S if self._stopping.is_set() else WATCHDOG_S
         call: Call[T] = Call(what, fn, *args)
-        if not call.wait(WATCHDOG_S):
+        if not call.wait(watchdog):
             self._hung = call
-            raise HungCallError(f"{what} did not return within {WATCHDOG_S:.0f} s")
+            raise HungCallError(f"{what} did not return within {watchdog:.0f} s")
         return call.result()
 
     def _abandon(self, producer: Producer, call: Call[Any]) -> None:
-        """Keep ``producer`` (stuck in ``call``) referenced; at most one is kept, so while an
-        earlier one still hangs this waits for it first (until the service stops)."""
+        """Keep ``producer`` (stuck in ``call``) referenced. At most one is kept: while an earlier
+        one still hangs this waits for it first, up to the transaction timeout and a margin (by
+        then the broker has aborted its transaction; a call that still has not returned is a
+        librdkafka bug, and its producer is kept referenced to the end)."""
         if self._abandoned is not None:
-            old, old_call = self._abandoned
+            old_call = self._abandoned[1]
+            limit = self._s.transaction_timeout_ms / 1000 + _ABANDONED_WAIT_MARGIN_S
             waited = 0.0
-            while not old_call.wait(_HUNG_LOG_EVERY_S, self._stopping):
+            while waited < limit and not old_call.wait(_HUNG_LOG_EVERY_S, self._stopping):
                 if self._stopping.is_set():
                     break
                 waited += _HUNG_LOG_EVERY_S
                 log.error(
                     "a producer abandoned in %s is still stuck after %.0f s more; waiting for it "
-                    "before abandoning another",
-                    old_call.what, waited,
+                    "(up to %.0f s) before abandoning another",
+                    old_call.what, waited, limit,
                 )  # fmt: skip
-            if old_call.done:
-                _dispose(old)
-            else:  # stopping: keep it referenced to the end rather than block on destroying it
-                self._leaked.append(old)
+            self._release_abandoned(keep=not old_call.done)
         self._abandoned = (producer, call)
         if self._producer is producer:
             self._producer = None
+
+    def _release_abandoned(self, *, keep: bool = False) -> None:
+        """Let go of the abandoned producer: destroyed on a thread of its own (destroying waits
+        for librdkafka's threads, which must not hold up the I/O thread), or with ``keep``
+        referenced to the end."""
+        if self._abandoned is None:
+            return
+        holder = [self._abandoned[0]]
+        self._abandoned = None
+        if keep:
+            self._leaked.extend(holder)
+            return
+        threading.Thread(target=holder.clear, name="kafka-dispose", daemon=True).start()
+
+    def _fenced(self) -> None:
+        """Count a fence; past :data:`FENCES_BEFORE_GIVING_UP` in the window another running
+        replica uses this transactional id, and the service stops saying so."""
+        now = time.monotonic()
+        self._fences = [t for t in self._fences if now - t < FENCE_WINDOW_S] + [now]
+        if len(self._fences) >= FENCES_BEFORE_GIVING_UP:
+            raise ConfigError(
+                f"fenced {len(self._fences)} times in {FENCE_WINDOW_S:.0f} s: another running "
+                f"replica uses transactional id {self.transactional_id}. Give each replica its "
+                f"own {env_name('instance_id')} (replicas that share a host name without sharing "
+                "a temp directory, e.g. pods with hostNetwork, get the same default)"
+            )
 
     def _commit_transaction(self, items: list[Finished]) -> Published:
         """One transaction with the results and the offsets after them."""
@@ -208,6 +245,8 @@ class TransactionalSink:
             self._metrics.transactions.labels("failed").inc()
             log.warning("no transactional producer (%s); rewinding", exc)
             return Published(rewind=first)
+        if self._abandoned is not None and self._abandoned[1].done:
+            self._release_abandoned()
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         started = time.monotonic()
         try:
@@ -236,14 +275,9 @@ class TransactionalSink:
                 return Published(rewind=first)
             err: KafkaError = exc.args[0]
             if err.fatal():
-                hint = ""
+                log.error("fatal producer error, replacing the producer: %s", err)
                 if err.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED):
-                    hint = (
-                        " (fenced: does another running replica use transactional id "
-                        f"{self.transactional_id}? {env_name('instance_id')} must differ per "
-                        "replica)"
-                    )
-                log.error("fatal producer error, replacing the producer: %s%s", err, hint)
+                    self._fenced()  # raises once the id is evidently shared
                 self._replace_producer(producer)
             else:
                 log.warning("transaction failed (%s); aborting and rewinding", err)
@@ -270,7 +304,7 @@ class TransactionalSink:
                 if not err.retriable() or err.txn_requires_abort() or last:
                     raise
                 log.warning("commit failed (%s); retrying", err)
-                time.sleep(self._backoff.delay(attempt))
+                self._stopping.wait(self._backoff.delay(attempt))
 
     def _replace_hung(self, producer: Producer) -> None:
         """Abandon ``producer`` (its call hung) and start its replacement at once: the
@@ -303,15 +337,3 @@ class TransactionalSink:
         except KafkaException as exc:
             log.warning("abort failed (%s); replacing the producer", exc)
             self._replace_producer(producer)
-
-
-def _dispose(producer: Producer) -> None:
-    """Drop the last reference to ``producer`` on a thread of its own: destroying a producer
-    waits for librdkafka's threads, which must not hold up the I/O thread."""
-    holder = [producer]
-    del producer
-
-    def destroy() -> None:
-        holder.clear()
-
-    threading.Thread(target=destroy, name="kafka-dispose", daemon=True).start()
