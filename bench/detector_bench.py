@@ -13,9 +13,14 @@ implies, not the time a frame waits behind all others.
 
 * ``reference``: the original specification's design, ultralytics ``predict`` on each frame in a
   ``ProcessPoolExecutor`` of 2 spawned workers with one model each;
-* ``pool``: :class:`inference_service.pool.DetectorPool` for each runtime and precision;
+* ``pool``: :class:`inference_service.pool.DetectorPool` for each runtime and precision (int8:
+  OpenVINO on the model quantized once on :data:`CALIBRATION_FRAMES` of the benchmark frames);
 * ``detect command``: ``inference-service detect`` on a folder of ``--command-frames`` frame files
-  (fp32 and bf16), wall time from launch to exit, start-up included.
+  (fp32, bf16 and int8), wall time from launch to exit, start-up included.
+
+The report ends with the int8 floors (issue 13: the int8 ``detect`` command ≥ 1.4× the fastest
+fp32 one and ≥ 2.0× the original design, same run) and is drawn as ``detector.png`` beside it:
+frames/s per runtime and precision, one bar group per model, the original design's rate marked.
 
 Models: the test model (``models/test/best.pt``) when present, and yolov8n / yolov8s built from
 their yaml (random weights: speed does not depend on them). ``ultralytics`` and ``torch`` are
@@ -55,6 +60,9 @@ from inference_devtools.bench import (
 )
 from inference_devtools.paths import REPO_ROOT
 
+CALIBRATION_FRAMES = 64
+"""Calibration frames of the int8 model (speed does not depend on how many)."""
+INT8_FLOORS = {"vs_fastest_fp32_detect": 1.4, "vs_reference": 2.0}
 BF16_PEAK_NOTES = 817.0
 """Sustained bf16 GEMM on 2 cores (GFLOP/s), from shared/notes/cpu-inference.md."""
 
@@ -167,6 +175,7 @@ def run_pool(
             "runtime": runtime,
             "precision": precision,
             "cache_dir": str(OUT / "cache"),
+            **_calibration(precision),
         }
     )
     factory: DetectorFactory | None = None
@@ -233,6 +242,13 @@ async def _closed_loop_async(
     return time.perf_counter() - t0, latencies
 
 
+def _calibration(precision: str) -> dict[str, str]:
+    """The calibration settings of an int8 run: the benchmark frames themselves."""
+    if precision != "int8":
+        return {}
+    return {"calibration": str(OUT / "frames"), "calibration_frames": str(CALIBRATION_FRAMES)}
+
+
 def command_frames(frames: int, count: int) -> Path:
     """A folder of ``count`` frame files cycling through the ``frames`` rendered ones (hard links)."""
     folder = OUT / f"frames-{count}"
@@ -256,6 +272,8 @@ def run_detect_command(
         "--model", str(case.path), "--runtime", runtime, "--precision", precision,
         "--cache-dir", str(OUT / "cache"),
     ]  # fmt: skip
+    for name, value in _calibration(precision).items():
+        cmd += [f"--{name.replace('_', '-')}", value]
     walls: list[float] = []
     lines = 0
     for _ in range(repeats):
@@ -348,6 +366,10 @@ def write_report(
             (r.fps for r in results if r.model == case.name and r.design == "reference"), 0.0
         )
         lines += [_row(m, by_name[m.model], ref, gemm) for m in results if m.model == case.name]
+    lines += int8_floors(results)
+    chart = RESULTS / f"{name}.png"
+    if draw_chart(results, cases, chart, f"{facts['cpu']} ({', '.join(facts['cpu_flags'])})"):
+        lines += ["", f"![frames/s per runtime and precision]({chart.name})"]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     payload = {
         "machine": facts,
@@ -363,6 +385,96 @@ def write_report(
     log_line(f"wrote {RESULTS / name}.md and .json")
 
 
+def int8_floors(results: list[Measurement]) -> list[str]:
+    """The int8 floors per model with ``detect command`` rows: int8 against the fastest fp32
+    ``detect`` and against the original design, measured in this run."""
+    lines: list[str] = []
+    for model in dict.fromkeys(m.model for m in results):
+        rows = [m for m in results if m.model == model and not m.error]
+        detect = [m for m in rows if m.design == "detect command"]
+        int8 = next((m for m in detect if m.precision == "int8"), None)
+        fp32 = max((m for m in detect if m.precision == "fp32"), key=lambda m: m.fps, default=None)
+        ref = next((m for m in rows if m.design == "reference"), None)
+        if int8 is None or fp32 is None or ref is None:
+            continue
+        if not lines:
+            lines += ["", "## int8 floors (whole `detect` command, same run)", "",
+                      "| model | int8 frames/s | vs fastest fp32 detect | floor | vs reference | "
+                      "floor |", "|---|---|---|---|---|---|"]  # fmt: skip
+        a, b = int8.fps / fp32.fps, int8.fps / ref.fps
+        fa, fb = INT8_FLOORS["vs_fastest_fp32_detect"], INT8_FLOORS["vs_reference"]
+        lines.append(
+            f"| {model} | {int8.fps:.1f} | {a:.2f}× ({fp32.runtime}, {fp32.fps:.1f}) | "
+            f"≥ {fa}×: {'met' if a >= fa else 'NOT met'} | {b:.2f}× ({ref.fps:.1f}) | "
+            f"≥ {fb}×: {'met' if b >= fb else 'NOT met'} |"
+        )
+    return lines
+
+
+def draw_chart(results: list[Measurement], cases: list[ModelCase], path: Path, cpu: str) -> bool:
+    """Frames/s per runtime and precision, one bar group per model, bars labelled with their
+    ratio to the original design; False (no chart) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log_line("matplotlib is not installed: no chart")
+        return False
+    series = list(
+        dict.fromkeys(
+            (m.design, m.runtime.split(":")[0] if m.design != "reference" else m.runtime,
+             m.precision)
+            for m in results if not m.error
+        )
+    )  # fmt: skip
+    models = [c.name for c in cases]
+    fig, axes = plt.subplots(
+        1,
+        len(models),
+        figsize=(max(7.6, 4.8 * len(models)), 5.4),
+        squeeze=False,
+        layout="constrained",
+    )
+    colours = {"fp32": "#4c72b0", "bf16": "#dd8452", "int8": "#55a868"}
+    for ax, model in zip(axes[0], models, strict=True):
+        rows = {(m.design, m.runtime.split(":")[0] if m.design != "reference" else m.runtime,
+                 m.precision): m for m in results if m.model == model and not m.error}  # fmt: skip
+        ref = next((m.fps for k, m in rows.items() if k[0] == "reference"), 0.0)
+        labels, values, fill = [], [], []
+        for key in series:
+            if key not in rows:
+                continue
+            design, runtime, precision = key
+            short = {"reference": "original design", "pool": "pool", "detect command": "detect"}
+            labels.append(
+                "original design" if design == "reference"
+                else f"{short[design]} {runtime} {precision}"
+            )  # fmt: skip
+            values.append(rows[key].fps)
+            fill.append("#999999" if design == "reference" else colours.get(precision, "#8172b3"))
+        y = list(range(len(values)))
+        bars = ax.barh(y, values, color=fill)
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.invert_yaxis()
+        if ref:
+            ax.axvline(ref, color="#555555", linestyle="--", linewidth=1)
+            for bar, value in zip(bars, values, strict=True):
+                ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                        f" {value:.0f} ({value / ref:.2f}×)", va="center", fontsize=7)  # fmt: skip
+        ax.set_xlim(0, max(values, default=1) * 1.3)
+        ax.set_title(model)
+        ax.set_xlabel("frames/s (1280x720 JPEGs)")
+    fig.suptitle(
+        f"Detector throughput against the original design (dashed line)\n{cpu}", fontsize=9
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log_line(f"wrote {path}")
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # Plans
 
@@ -372,8 +484,9 @@ RUNTIMES: tuple[tuple[str, str], ...] = (
     ("openvino", "fp32"),
     ("ncnn", "fp32"),
     ("openvino", "bf16"),
+    ("openvino", "int8"),
 )
-"""ONNX Runtime and ncnn have no bf16 path here (their backends refuse it with a ConfigError)."""
+"""ONNX Runtime and ncnn have no bf16 or int8 path here (refused with a ConfigError)."""
 
 
 def main_plan(
@@ -390,7 +503,7 @@ def main_plan(
             log_line(f"{case.name}: pool {runtime}/{precision} ...")
             yield run_pool(case, frames, repeats, runtime, precision)
         if command_folder is not None and case.name in command_models:
-            for precision in ("fp32", "bf16"):
+            for precision in ("fp32", "bf16", "int8"):
                 log_line(f"{case.name}: detect command (runtime auto, {precision}) ...")
                 yield run_detect_command(case, "auto", precision, command_folder, repeats)
 

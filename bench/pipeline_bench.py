@@ -14,7 +14,10 @@ Measured in one run, on the same 1280x720 JPEG frames:
   GETs, ultralytics ``predict`` in a ``ProcessPoolExecutor`` of 2 workers with one model each,
   results produced to Kafka.
 
-Writes ``bench/results/pipeline.md`` and ``pipeline.json`` with the command line.
+Writes ``bench/results/pipeline.md`` and ``pipeline.json`` with the command line (``--report``
+names them otherwise). ``--precision int8`` runs the detector and the service in int8, calibrated
+on the detector benchmark's frames (``bench/out/frames``, the same cache entry as
+``bench/detector_bench.py``'s); ``bf16`` likewise.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from inference_devtools import reference_design
 from inference_devtools.paths import REPO_ROOT as ROOT
 
 RESULTS = db.RESULTS
+INT8_CALIBRATION_FRAMES = 64
+"""As ``bench/detector_bench.py`` calibrates: the same quantized model, cached once."""
 
 
 def log_line(text: str) -> None:
@@ -147,11 +152,23 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / ticks
 
 
+def precision_settings(precision: str) -> dict[str, str]:
+    """The settings of a ``precision`` run (int8: calibrated on the benchmark's frames)."""
+    if precision == "fp32":
+        return {}
+    out = {"precision": precision}
+    if precision == "int8":
+        out["calibration"] = str(db.OUT / "frames")
+        out["calibration_frames"] = str(INT8_CALIBRATION_FRAMES)
+    return out
+
+
 def stack_pids() -> dict[str, int]:
-    """The local stack's server pids (``.stack/<name>/pid``), when it runs here."""
+    """The local stack's server pids (``$STACK_DIR/<name>/pid``), when it runs here."""
     out = {}
+    state = Path(os.environ.get("STACK_DIR") or ROOT / ".stack")
     for name in ("kafka", "s3"):
-        path = ROOT / ".stack" / name / "pid"
+        path = state / name / "pid"
         if path.exists():
             out[name] = int(path.read_text().strip())
     return out
@@ -165,11 +182,15 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def bench_detector(model: Path, frames: list[bytes], count: int) -> dict[str, Any]:
+def bench_detector(
+    model: Path, frames: list[bytes], count: int, precision: str = "fp32"
+) -> dict[str, Any]:
     from inference_service.pool import DetectorPool
-    from inference_service.settings import Settings
+    from inference_service.settings import load_settings
 
-    settings = Settings(model=model, cache_dir=db.OUT / "cache")
+    settings = load_settings(
+        {"model": str(model), "cache_dir": str(db.OUT / "cache"), **precision_settings(precision)}
+    )
 
     async def run() -> dict[str, Any]:
         async with DetectorPool(settings) as pool:
@@ -192,11 +213,13 @@ def bench_detector(model: Path, frames: list[bytes], count: int) -> dict[str, An
     return asyncio.run(run())
 
 
-def bench_service(model: Path, tasks: list[tuple[bytes, bytes]], bootstrap: str) -> dict[str, Any]:
+def bench_service(
+    model: Path, tasks: list[tuple[bytes, bytes]], bootstrap: str, precision: str = "fp32"
+) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     tasks_topic, results_topic = f"bench-tasks-{run}", f"bench-results-{run}"
     create_topics(bootstrap, [tasks_topic, results_topic, f"bench-dlq-{run}"], 4)
-    port = 18003
+    port = 18003 + int(os.environ.get("STACK_PORT_OFFSET") or 0)  # beside another stack's bench
     env = dict(os.environ)
     env.update(
         INFERENCE_MODEL=str(model), INFERENCE_CACHE_DIR=str(db.OUT / "cache"),
@@ -205,6 +228,7 @@ def bench_service(model: Path, tasks: list[tuple[bytes, bytes]], bootstrap: str)
         INFERENCE_HTTP_PORT=str(port), INFERENCE_HTTP_HOST="127.0.0.1",
         INFERENCE_LOG_LEVEL=os.environ.get("PIPELINE_BENCH_LOG_LEVEL", "WARNING"),
     )  # fmt: skip
+    env.update({f"INFERENCE_{k.upper()}": v for k, v in precision_settings(precision).items()})
     log_path = db.OUT / "pipeline-service.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "inference_service.cli", "serve"], env=env,
@@ -393,10 +417,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="alternating detector/service runs (median kept)"
     )
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+        help="of the detector and the service (int8: calibrated on bench/out/frames)",
+    )  # fmt: skip
+    parser.add_argument("--report", default="pipeline", help="results file name, without .md/.json")
     args = parser.parse_args(argv)
     bootstrap = _env("INFERENCE_KAFKA_BOOTSTRAP_SERVERS")
     case = db.prepare_models([args.model])[0]
     frames = db.render_frames(16)
+    if args.precision == "int8":
+        db.render_frames(
+            INT8_CALIBRATION_FRAMES
+        )  # the calibration folder, as detector_bench has it
     bucket = os.environ.get("INFERENCE_S3_BUCKET", "frames")
     tasks = upload(bucket, frames, args.frames, f"bench-{uuid.uuid4().hex[:6]}")
     log_line(f"{len(tasks)} tasks over 4 videos, model {case.name} ({case.gflops:.2f} GFLOPs)")
@@ -404,10 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     service_runs: list[dict[str, Any]] = []
     for i in range(args.repeats):
         log_line(f"detector alone (run {i + 1}/{args.repeats}) …")
-        detector_runs.append(bench_detector(case.path, frames, args.frames))
+        detector_runs.append(bench_detector(case.path, frames, args.frames, args.precision))
         log_line(f"  {detector_runs[-1]['fps']:.1f} frames/s")
         log_line(f"service end to end (run {i + 1}/{args.repeats}) …")
-        service_runs.append(bench_service(case.path, tasks, bootstrap))
+        service_runs.append(bench_service(case.path, tasks, bootstrap, args.precision))
         log_line(f"  {service_runs[-1]['fps']:.1f} frames/s")
     rows = [_median_run(detector_runs), _median_run(service_runs)]
     overheads = [1 - s["fps"] / d["fps"] for d, s in zip(detector_runs, service_runs, strict=True)]
@@ -424,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
         f"- CPU: {facts.get('cpu', facts)}",
         f"- {len(tasks)} tasks of 1280x720 JPEG frames over 4 videos, model {case.name} "
-        f"({case.gflops:.2f} GFLOPs at {case.input_hw[0]}x{case.input_hw[1]}); one run each, same frames",
+        f"({case.gflops:.2f} GFLOPs at {case.input_hw[0]}x{case.input_hw[1]}), precision "
+        f"{args.precision}; one run each, same frames",
         "",
         "| design | runtime | layout | frames/s | vs detector alone | p50 ms | p95 ms |",
         "|---|---|---|---|---|---|---|",
@@ -454,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         "p50/p95 of the service: the result's `timings_ms.total` (consume to result ready)."
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pipeline.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "pipeline.json").write_text(json.dumps({"command": command, "rows": rows, "machine": facts},
+    (RESULTS / f"{args.report}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.report}.json").write_text(json.dumps({"command": command, "rows": rows, "machine": facts, "precision": args.precision},
                                                       indent=2, default=str))  # fmt: skip
     print("\n".join(lines))
     return 0

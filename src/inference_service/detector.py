@@ -65,6 +65,7 @@ class YoloDetector:
             iou=iou,
             runtime=f"{backend.name}/{backend.precision}",
             classes=model.names,
+            precision=backend.precision,
         )
 
     @property
@@ -157,6 +158,7 @@ def model_files(model: ResolvedModel) -> ModelFiles:
         onnx=model.onnx_path,
         openvino_xml=model.openvino_xml,
         ncnn_dir=model.ncnn_dir,
+        openvino_int8_xml=model.int8_xml,
     )
 
 
@@ -198,10 +200,11 @@ def load_detector(
     )
     detector.warmup()
     log.info(
-        "detector ready: %s (sha256 %s), %s, imgsz %s, %d threads",
+        "detector ready: %s (sha256 %s), %s, precision %s, imgsz %s, %d threads",
         resolved.source.name,
         resolved.sha256[:12],
         detector.info.runtime,
+        detector.info.precision,
         resolved.imgsz,
         threads,
     )

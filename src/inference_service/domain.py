@@ -137,6 +137,8 @@ class ModelInfo:
     """``<backend>/<precision>``, e.g. ``openvino/fp32``."""
     classes: tuple[str, ...] = ()
     """Class names by class id, from the model's own metadata."""
+    precision: str = "fp32"
+    """What the network ran in: ``fp32``, ``bf16`` or ``int8``."""
 
     def to_dict(self) -> JsonObject:
         return {
@@ -146,6 +148,7 @@ class ModelInfo:
             "conf": self.conf,
             "iou": self.iou,
             "runtime": self.runtime,
+            "precision": self.precision,
         }
 
 

@@ -26,7 +26,7 @@ ENV_PREFIX = "INFERENCE_"
 
 Delivery = Literal["exactly_once", "at_least_once"]
 Runtime = Literal["auto", "openvino", "onnxruntime", "ncnn", "onnxruntime-cuda", "openvino-gpu"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "int8"]
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
@@ -139,7 +139,21 @@ class Settings(BaseSettings):
         description="openvino, onnxruntime, ncnn (or a GPU provider); auto picks by measurement.",
     )
     precision: Precision = Field(
-        "fp32", description="fp32 (as the reference) or bf16 (faster on CPUs with native bf16)."
+        "fp32",
+        description="fp32 (as the reference), bf16 (faster on CPUs with native bf16) or int8 "
+        "(OpenVINO, quantized once on INFERENCE_CALIBRATION's frames; fastest on every x86 CPU).",
+    )
+    calibration: str | None = Field(
+        None,
+        description="int8 only: the frames to calibrate on, letterboxed as served: a folder of "
+        "images, a video file, or s3://bucket/prefix/ (frames already in the bucket).",
+    )
+    calibration_frames: int = Field(
+        300,
+        ge=1,
+        le=10_000,
+        description="int8 only: how many frames of INFERENCE_CALIBRATION calibrate (evenly spaced "
+        "over the first 10 times as many; fewer than 32 warns).",
     )
     workers: int | Literal["auto"] = Field(
         "auto", description="Detector processes; auto sizes them by the CPUs available."
@@ -260,6 +274,7 @@ class Settings(BaseSettings):
         "kafka_ssl_ca_location",
         "http_token",
         "http_token_file",
+        "calibration",
         mode="before",
     )
     @classmethod
@@ -299,6 +314,15 @@ class Settings(BaseSettings):
                 f"{env_name('kafka_sasl_username')} and {env_name('kafka_sasl_password')} "
                 f"(or {env_name('kafka_sasl_password_file')}) "
                 f"(flags {flag_name('kafka_sasl_username')}, {flag_name('kafka_sasl_password')})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _int8_runs_on_openvino(self) -> Settings:
+        if self.precision == "int8" and self.runtime not in ("auto", "openvino", "openvino-gpu"):
+            raise ValueError(
+                f"{env_name('precision')}=int8 runs on OpenVINO only: set {env_name('runtime')} "
+                f"to auto or openvino (not {self.runtime}), or {env_name('precision')} to fp32"
             )
         return self
 

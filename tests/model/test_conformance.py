@@ -40,29 +40,12 @@ from inference_service.detector import YoloDetector, load_detector
 from inference_service.domain import Detection, FrameDetections
 from inference_service.model import ResolvedModel, resolve_model
 from inference_service.settings import Settings
+from tests.model.netblock import block_network_in_children
 
 pytestmark = [pytest.mark.model, pytest.mark.reference, pytest.mark.slow]
 
-CONFIGS = ("openvino/fp32", "onnxruntime/fp32", "ncnn/fp32", "openvino/bf16")
 
-_SOCKET_BLOCKER = """
-import os, socket
-_log = os.environ["NET_ATTEMPTS_LOG"]
-open(_log + ".loaded", "a").close()
-def _record(what, *args):
-    with open(_log, "a") as f:
-        f.write(f"{what} {args!r}\\n")
-    raise OSError("network blocked by the test")
-_connect = socket.socket.connect
-def connect(self, address, *a):
-    if self.family == socket.AF_UNIX:
-        return _connect(self, address, *a)
-    _record("connect", address)
-socket.socket.connect = connect
-socket.socket.connect_ex = lambda self, address: _record("connect_ex", address)
-socket.getaddrinfo = lambda *a, **k: _record("getaddrinfo", *a)
-socket.create_connection = lambda *a, **k: _record("create_connection", *a)
-"""
+CONFIGS = ("openvino/fp32", "onnxruntime/fp32", "ncnn/fp32", "openvino/bf16")
 
 
 @dataclass
@@ -82,13 +65,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exported]:
         )
     pytest.importorskip("ultralytics", reason="the reference needs the export extra")
     tmp = tmp_path_factory.mktemp("conformance")
-    blocker = tmp / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(_SOCKET_BLOCKER)
-    attempts = tmp / "net-attempts.log"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PYTHONPATH", str(blocker))
-    mp.setenv("NET_ATTEMPTS_LOG", str(attempts))
+    mp, attempts = block_network_in_children(tmp)
     for name in ("YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_CONFIG_DIR"):
         mp.delenv(name, raising=False)  # the service must set them itself
     settings = Settings(model=TEST_MODEL, cache_dir=tmp / "cache", conf=CONF, iou=IOU)

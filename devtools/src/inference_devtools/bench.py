@@ -49,7 +49,9 @@ def machine_facts() -> dict[str, Any]:
                 flags = line
     except OSError:
         pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni")
+    wanted = (
+        "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+    )  # fmt: skip
     return {
         "cpu": model,
         "cpus_available": len(os.sched_getaffinity(0)),

@@ -28,15 +28,13 @@ from inference_service.errors import FrameNotFoundError, TaskError, UndecodableF
 from inference_service.pool import DetectorPool
 from inference_service.results import Identity, build_result, stage_timings
 from inference_service.settings import Settings, add_cli_flags, load_settings, overrides_from_args
+from inference_service.vision import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
-VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 from inference_service.commands.progress import Progress
 from inference_service.errors import CommandError
 from inference_service.settings import Settings, add_cli_flags, load_settings, overrides_from_args
+from inference_service.vision import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 _JPEG_QUALITY = 90
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 ONNX_NAME = "model.onnx"
 OPENVINO_NAME = "model.xml"
-INSTALL_HINT = "pip install 'inference-service[export]'"
+INSTALL_HINT = "pip install 'kafka-yolo-detector[export]'"
 _EXIT_NOT_DETECT = 3
 _EXIT_UNREADABLE = 4
 

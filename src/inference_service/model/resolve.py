@@ -11,6 +11,13 @@
   ``.onnx`` source) for the ncnn runtime.
 - An OpenVINO IR directory (or its ``.xml``) is used as it is, its metadata read from
   ``metadata.yaml`` beside it or from its rt_info.
+- With ``INFERENCE_PRECISION=int8`` the model (from any of the above) is also quantized once
+  (:mod:`inference_service.model.quantize`, on :mod:`inference_service.model.calibration`'s frames)
+  into ``<cache_dir>/<sha256>/int8-<key>/``, where ``key`` hashes the model's sha256, the
+  calibration source's content fingerprint (the chosen files' bytes, the video's bytes or the
+  objects' keys, ETags and sizes, with the settings that choose them; nothing is decoded when the
+  entry exists), the input shaping (imgsz, stride, dynamic axes) and the quantization recipe; an
+  OpenVINO IR that is already quantized is used as it is.
 
 Anything that is not a YOLOv8 detection model is refused with a :class:`ModelError` that names what
 was found and what is expected.
@@ -22,6 +29,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import json
 import logging
 import math
 import os
@@ -30,7 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference_service.errors import ModelError
+from inference_service.errors import ConfigError, ModelError
+from inference_service.model.calibration import load_calibration, locate_calibration
 from inference_service.model.export import (
     NCNN_BIN,
     NCNN_PARAM,
@@ -45,6 +54,8 @@ from inference_service.model.metadata import (
     read_onnx_metadata,
     read_openvino_metadata,
 )
+from inference_service.model.quantize import RECIPE, REPORT_NAME, quantize
+from inference_service.runtime.openvino_backend import is_quantized
 from inference_service.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
@@ -78,6 +89,8 @@ class ResolvedModel:
     ncnn_dir: Path | None = None
     """A directory with the ncnn model of the head's raw outputs (``model.ncnn.param``/``.bin``),
     when the ONNX → ncnn conversion could run (``pnnx`` installed when the model was first seen)."""
+    int8_dir: Path | None = None
+    """The directory of the int8 OpenVINO IR (``INFERENCE_PRECISION=int8`` only)."""
 
     @property
     def openvino_xml(self) -> Path | None:
@@ -85,6 +98,13 @@ class ResolvedModel:
         if self.openvino_dir is None:
             return None
         return _find_xml(self.openvino_dir)
+
+    @property
+    def int8_xml(self) -> Path | None:
+        """The int8 IR's ``.xml`` inside :attr:`int8_dir`."""
+        if self.int8_dir is None:
+            return None
+        return _find_xml(self.int8_dir)
 
 
 def resolve_model(settings: Settings) -> ResolvedModel:
@@ -116,7 +136,10 @@ def resolve_model(settings: Settings) -> ResolvedModel:
             f"{source.suffix or '(no suffix)'!r}; "
             "expected a YOLOv8 .pt checkpoint, an .onnx file or an OpenVINO IR directory"
         )
-    return _with_imgsz(resolved, settings.imgsz)
+    resolved = _with_imgsz(resolved, settings.imgsz)
+    if settings.precision == "int8":
+        resolved = _with_int8(resolved, settings)
+    return resolved
 
 
 def _resolved(
@@ -177,8 +200,13 @@ def _with_ncnn(model: ResolvedModel, onnx: Path, entry: Path) -> ResolvedModel:
         if not ncnn_available():
             log.info("no ncnn conversion of %s: pnnx is not installed", model.source)
             return model
-        entry.mkdir(parents=True, exist_ok=True)
-        with _exclusive(entry.parent / f"{entry.name}.ncnn.lock"):
+        with contextlib.ExitStack() as held:
+            try:
+                entry.mkdir(parents=True, exist_ok=True)
+                held.enter_context(_exclusive(entry.parent / f"{entry.name}.ncnn.lock"))
+            except OSError as exc:  # a read-only cache: OpenVINO and ONNX Runtime still run it
+                log.warning("no ncnn conversion of %s: cache %s: %s", model.source, entry, exc)
+                return model
             if not (entry / NCNN_PARAM).is_file():
                 try:
                     onnx_to_ncnn(onnx, entry)
@@ -188,6 +216,80 @@ def _with_ncnn(model: ResolvedModel, onnx: Path, entry: Path) -> ResolvedModel:
     if not (entry / NCNN_BIN).is_file():
         return model
     return dataclasses.replace(model, ncnn_dir=entry.resolve())
+
+
+def int8_key(model: ResolvedModel, calibration_digest: str) -> str:
+    """The cache key of ``model`` quantized on the calibration subset of content fingerprint
+    ``calibration_digest`` (:func:`~inference_service.model.calibration.locate_calibration`)."""
+    shaping = {
+        "model_sha256": model.sha256,
+        "calibration_sha256": calibration_digest,
+        "imgsz": list(model.imgsz),
+        "stride": model.stride,
+        "dynamic": model.dynamic,
+        "recipe": RECIPE,
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _with_int8(model: ResolvedModel, settings: Settings) -> ResolvedModel:
+    """``model`` with its int8 IR: the model itself when it is quantized already, else the cached
+    quantization on ``INFERENCE_CALIBRATION``'s frames (made once, under a lock)."""
+    given = model.openvino_xml
+    if given is not None and is_quantized(given):
+        log.info("int8: %s is quantized already; used as it is", given)
+        return dataclasses.replace(model, int8_dir=given.parent)
+    source = given or model.onnx_path
+    if source is None:  # resolve_model always finds one of the two
+        raise ModelError(f"{model.source}: no OpenVINO IR or ONNX file to quantize")
+    located = locate_calibration(settings)  # chosen and fingerprinted, not decoded
+    cache = settings.cache_path()
+    key = int8_key(model, located.digest)
+    entry = cache / model.sha256 / f"int8-{key}"
+    if not (entry / REPORT_NAME).is_file():
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            (entry.parent / f"int8-{key}.lock").touch()
+        except OSError as exc:
+            raise ConfigError(
+                f"{env_name('precision')}=int8: cannot write the quantized model to {entry} "
+                f"({exc.strerror or exc}); point {env_name('cache_dir')} at a writable "
+                "directory, or quantize once where it is writable and ship the cache"
+            ) from None
+        with _exclusive(entry.parent / f"int8-{key}.lock"):
+            if not (entry / REPORT_NAME).is_file():
+                tmp = entry.parent / f".tmp-int8-{key}-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                try:
+                    calibration = load_calibration(
+                        settings, model.imgsz, model.stride, dynamic=model.dynamic, located=located
+                    )
+                    report = quantize(source, calibration, tmp)
+                    _write_ir_metadata(tmp, model)
+                    shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry of a crash
+                    tmp.rename(entry)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                log.info(
+                    "int8: quantized in %.0f s (%d FakeQuantize, %d head layers kept in float)",
+                    report.get("seconds", 0.0),
+                    report.get("fake_quantize", 0),
+                    report.get("float_head_layers", 0),
+                )
+    log.info("int8: %s (key %s) from cache %s", model.source.name, key, entry)
+    return dataclasses.replace(model, int8_dir=entry.resolve())
+
+
+def _write_ir_metadata(directory: Path, model: ResolvedModel) -> None:
+    """``metadata.yaml`` beside an IR, as ultralytics writes it (JSON is YAML), so that the
+    directory is a model of its own (``INFERENCE_MODEL`` may name the int8 directory)."""
+    meta = {
+        "task": model.task,
+        "names": dict(enumerate(model.names)),
+        "imgsz": list(model.imgsz),
+        "stride": model.stride,
+    }
+    (directory / "metadata.yaml").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _convert(source: Path, entry: Path, cache: Path) -> None:

@@ -33,6 +33,8 @@ class ModelFiles:
     """An OpenVINO IR ``.xml`` (its ``.bin`` beside it), preferred by OpenVINO."""
     ncnn_dir: Path | None = None
     """A directory with the ncnn model of the head's raw outputs (``model.ncnn.param``/``.bin``)."""
+    openvino_int8_xml: Path | None = None
+    """The int8 (quantized) OpenVINO IR ``.xml``, which precision ``int8`` runs."""
 
 
 class InferenceBackend(Protocol):
@@ -49,7 +51,7 @@ class InferenceBackend(Protocol):
 
     @property
     def precision(self) -> str:
-        """``fp32`` or ``bf16``."""
+        """``fp32``, ``bf16`` or ``int8``."""
         ...
 
     def infer(self, batch: Batch) -> HeadOutput:

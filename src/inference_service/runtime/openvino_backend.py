@@ -1,4 +1,4 @@
-"""OpenVINO backend (CPU, or GPU where asked for and present), fp32 or bf16.
+"""OpenVINO backend (CPU, or GPU where asked for and present), fp32, bf16 or int8.
 
 The model is read once; for each input shape a copy reshaped to that static shape is compiled and
 cached (static shapes run faster than a dynamic-shape compilation on the CPU plugin), with a small
@@ -10,19 +10,31 @@ numpy.
 
 Configuration as compiled: ``INFERENCE_PRECISION_HINT`` set explicitly (``f32`` for fp32: on a CPU
 with native bf16 OpenVINO would otherwise pick bf16 itself; ``bf16`` for bf16, with the YOLOv8 stem
-kept in f32 as :mod:`~inference_service.runtime.mixed_precision` explains),
+kept in f32 as :mod:`~inference_service.runtime.mixed_precision` explains; ``f32`` for int8 too:
+the quantized IR's ``FakeQuantize`` nodes make the CPU plugin run those layers as int8 kernels, and
+what stays float, the Detect head's decode above all, stays f32, not bf16),
 ``INFERENCE_NUM_THREADS`` = ``threads``, ``PERFORMANCE_HINT`` (``LATENCY`` by default, one stream;
 ``THROUGHPUT`` lets ``streams`` requests run in parallel), and CPU pinning off by default so that
 several single-threaded worker processes are not pinned onto the same core.
+
+Compiled models are cached (OpenVINO's ``CACHE_DIR`` property) in ``<cache_dir>/openvino-compiled/``
+when the backend is given the service's cache directory and can write there: OpenVINO keys each
+blob on the model, the input shape and the configuration above, and a later start (every worker
+process, every ``detect`` run) imports the blob instead of compiling again; an int8 graph above
+all, whose compilation is the slowest. A cache directory that cannot be written (a read-only root
+filesystem) runs without it: the model is compiled at each start, as without a cache directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import re
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +52,10 @@ log = logging.getLogger(__name__)
 MAX_SHAPES = 32
 """Most input shapes kept compiled at once (least recently used dropped first)."""
 
-_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+"""``INFERENCE_PRECISION_HINT`` per precision (int8: the float parts of a quantized model)."""
+COMPILED_CACHE = "openvino-compiled"
+"""The folder of OpenVINO's compiled-model blobs inside the service's cache directory."""
 
 
 @dataclass(slots=True)
@@ -83,9 +98,10 @@ class OpenVinoBackend:
         pinning: bool = False,
         max_requests: int = 8,
         f32_layers: re.Pattern[str] | None = STEM_F32,
+        cache_dir: Path | None = None,
     ) -> None:
         if precision not in _PRECISION_HINTS:
-            raise ConfigError(f"{env_name('precision')}={precision}: expected fp32 or bf16")
+            raise ConfigError(f"{env_name('precision')}={precision}: expected fp32, bf16 or int8")
         hint = hint.upper()
         if hint not in ("LATENCY", "THROUGHPUT"):
             raise ConfigError(f"OpenVINO performance hint {hint!r}: expected LATENCY or THROUGHPUT")
@@ -104,6 +120,11 @@ class OpenVinoBackend:
                     f"{env_name('precision')}=bf16: this CPU has no native bf16 "
                     f"(capabilities: {', '.join(capabilities)}); use fp32"
                 )
+        if precision == "int8" and not is_quantized(model_path):
+            raise ConfigError(
+                f"{env_name('precision')}=int8: {model_path} is not quantized (no FakeQuantize "
+                f"layer); let the service quantize it on {env_name('calibration')}'s frames"
+            )
         self._weights: Any = None
         try:
             self._model = self._read(model_path, precision, f32_layers)
@@ -118,6 +139,9 @@ class OpenVinoBackend:
             self._config["ENABLE_CPU_PINNING"] = pinning
         if streams is not None:
             self._config["NUM_STREAMS"] = streams
+        blobs = compiled_cache_dir(cache_dir) if cache_dir is not None else None
+        if blobs is not None:
+            self._config["CACHE_DIR"] = str(blobs)
         self._device = device
         self._precision = precision
         self._name = "openvino" if device == "CPU" else f"openvino-{device.lower()}"
@@ -173,7 +197,7 @@ class OpenVinoBackend:
         return self._run(self._for_shape((n, c, h, w), images=False), batch)
 
     def infer_images(self, images: Images) -> HeadOutput:
-        if self._precision != "fp32":
+        if self._precision == "bf16":
             # In bf16 OpenVINO runs the in-network pixel conversion in bf16 (the stem's f32 mark
             # cannot reach the nodes it adds): 8 of 912 test detections outside SPEC.md's bf16
             # tolerance against 2 with the conversion in f32 numpy.
@@ -219,13 +243,28 @@ class OpenVinoBackend:
             ).scale(255.0)
             ppp.input().model().set_layout(ov.Layout("NCHW"))
             model = ppp.build()
-        compiled = self._core.compile_model(model, self._device, self._config)
+        started = time.perf_counter()
+        try:
+            compiled = self._core.compile_model(model, self._device, self._config)
+        except RuntimeError as exc:
+            if "CACHE_DIR" not in self._config:
+                raise
+            # A blob that cannot be written or read back must not stop the service.
+            log.warning("OpenVINO compiled-model cache %s: %s", self._config["CACHE_DIR"], exc)
+            del self._config["CACHE_DIR"]
+            compiled = self._core.compile_model(model, self._device, self._config)
         optimal = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         limit = max(optimal, self._max_requests)
+        cached = False
+        if "CACHE_DIR" in self._config:
+            with contextlib.suppress(RuntimeError):  # a device that does not report it
+                cached = bool(compiled.get_property("LOADED_FROM_CACHE"))
         log.info(
-            "OpenVINO compiled input shape %s%s (%d requests at most)",
+            "OpenVINO %s input shape %s%s in %.0f ms (%d requests at most)",
+            "loaded the compiled" if cached else "compiled",
             shape,
             " from BGR uint8 frames" if images else "",
+            (time.perf_counter() - started) * 1e3,
             limit,
         )
         return _Compiled(model=compiled, limit=limit)
@@ -252,3 +291,30 @@ class OpenVinoBackend:
     def close(self) -> None:
         with self._lock:
             self._compiled.clear()
+
+
+def compiled_cache_dir(cache_dir: Path) -> Path | None:
+    """``<cache_dir>/openvino-compiled``, made if needed, when it can be written; else None (and
+    a debug log: a read-only cache directory runs without OpenVINO's compiled-model cache)."""
+    blobs = cache_dir.expanduser() / COMPILED_CACHE
+    try:
+        blobs.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=blobs)
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as exc:
+        log.debug("OpenVINO compiled-model cache off: %s is not writable (%s)", blobs, exc)
+        return None
+    return blobs
+
+
+def is_quantized(model_path: Path) -> bool:
+    """True when an OpenVINO IR ``.xml`` carries quantization (``FakeQuantize`` layers); False for
+    an ONNX file (int8 runs a quantized IR) and for a file that cannot be read."""
+    if model_path.suffix != ".xml":
+        return False
+    try:
+        with model_path.open("r", encoding="utf-8", errors="replace") as handle:
+            return any('type="FakeQuantize"' in line for line in handle)
+    except OSError:
+        return False

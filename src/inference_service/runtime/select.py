@@ -2,16 +2,24 @@
 
 The ``auto`` rule:
 
-1. ``bf16`` precision means OpenVINO: it is the only backend here with a bf16 path.
+1. ``bf16`` or ``int8`` precision means OpenVINO: it is the only backend here with a bf16 path
+   or an int8 model. ``auto`` chooses a runtime, never a precision: lower precision is the
+   operator's choice (``INFERENCE_PRECISION``).
 2. Otherwise every CPU runtime the model can run on (OpenVINO; ONNX Runtime with an ONNX file;
    ncnn with an ncnn conversion) is opened with the same thread count and timed on the same input
    (``probe_hw``, batch 1, letterboxed ``uint8`` frames as the detector sends them, decode of the
    head included): 2 warm-up runs, then the median of 7 runs each. The fastest wins; OpenVINO is
    kept unless another is more than 3 % faster.
 3. The choice is cached in ``<cache_dir>/runtime-choice.json`` under the key
-   ``CPU model | model sha256 | precision | threads | input shape | runtimes measured``, so that
-   later starts (and the other worker processes, which wait on a lock file while the first one
-   measures) skip the measurement. Delete the file to measure again.
+   ``CPU model | CPU features | model sha256 | precision | threads | input shape | runtimes
+   measured``, so that later starts (and the other worker processes, which wait on a lock file
+   while the first one measures) skip the measurement. Delete the file to measure again. The CPU
+   features (:func:`cpu_features`: AVX2, AVX-512, VNNI, bf16, AMX) are in the key because the
+   model name alone is the same generic one on CPUs of different classes (``AMD EPYC`` on Zen 3
+   and Zen 4 virtual machines, ``Intel Xeon Processor`` on several generations). A cache
+   directory that cannot be written (a read-only root filesystem, an image's own cache) is read
+   but not written: a choice it already holds is used, otherwise the runtimes are measured at
+   each start and a warning says so once per process.
 """
 
 from __future__ import annotations
@@ -64,11 +72,13 @@ def open_backend(
     precision that cannot run here.
     """
     if runtime == "auto":
-        if precision == "bf16":
-            return _openvino(model, precision, threads, openvino_hint, openvino_streams, "CPU")
+        if precision in ("bf16", "int8"):
+            return _openvino(
+                model, precision, threads, openvino_hint, openvino_streams, "CPU", cache_dir
+            )
         candidates: dict[str, Callable[[], InferenceBackend]] = {
             "openvino": lambda: _openvino(
-                model, "fp32", threads, openvino_hint, openvino_streams, "CPU"
+                model, "fp32", threads, openvino_hint, openvino_streams, "CPU", cache_dir
             ),
         }
         if model.onnx is not None:
@@ -78,7 +88,9 @@ def open_backend(
         return _auto(model, threads, cache_dir, probe_hw, candidates)
     if runtime in ("openvino", "openvino-gpu"):
         device = "GPU" if runtime == "openvino-gpu" else "CPU"
-        return _openvino(model, precision, threads, openvino_hint, openvino_streams, device)
+        return _openvino(
+            model, precision, threads, openvino_hint, openvino_streams, device, cache_dir
+        )
     if runtime in ("onnxruntime", "onnxruntime-cuda"):
         return _onnxruntime(model, precision, threads, cuda=runtime == "onnxruntime-cuda")
     if runtime == "ncnn":
@@ -97,7 +109,8 @@ def _ncnn(
     if model.ncnn_dir is None:
         raise ConfigError(
             f"{env_name('runtime')}=ncnn needs the model's ncnn conversion, made from its ONNX "
-            "file when pnnx is installed: pip install 'inference-service[export]' (then restart), "
+            "file when pnnx is installed: pip install 'kafka-yolo-detector[export]' "
+            "(then restart), "
             f"or use {env_name('runtime')}=openvino"
         )
     return NcnnBackend(
@@ -112,14 +125,28 @@ def _openvino(
     hint: str,
     streams: int | None,
     device: str,
+    cache_dir: Path | None = None,
 ) -> InferenceBackend:
+    """OpenVINO on ``model``; ``cache_dir``: the service's cache directory, where OpenVINO keeps
+    its compiled models (in ``openvino-compiled/``) when it can write there."""
     from inference_service.runtime.openvino_backend import OpenVinoBackend
 
-    path = model.openvino_xml or model.onnx
+    path = model.openvino_int8_xml if precision == "int8" else model.openvino_xml or model.onnx
+    if path is None and precision == "int8":
+        raise ConfigError(
+            f"{env_name('precision')}=int8 needs the model's int8 IR, which the service makes "
+            f"when it resolves the model with {env_name('calibration')} set"
+        )
     if path is None:
         raise ModelError("OpenVINO needs an OpenVINO IR or an ONNX file; the model has neither")
     return OpenVinoBackend(
-        path, precision=precision, threads=threads, hint=hint, streams=streams, device=device
+        path,
+        precision=precision,
+        threads=threads,
+        hint=hint,
+        streams=streams,
+        device=device,
+        cache_dir=cache_dir,
     )
 
 
@@ -147,8 +174,8 @@ def _auto(
         return candidates["openvino"]()
     shape = "x".join(map(str, probe_hw))
     names = "+".join(sorted(candidates))
-    key = "|".join((cpu_model(), model.sha256, "fp32", str(threads), shape, names))
-    with _choice_lock(cache_dir):
+    key = "|".join((cpu_model(), cpu_features(), model.sha256, "fp32", str(threads), shape, names))
+    with _choice_lock(cache_dir) as writable:
         cached = _read_choice(cache_dir, key)
         if cached in candidates:
             log.info("runtime auto: %s (measured before, key %s)", cached, key)
@@ -169,7 +196,8 @@ def _auto(
             shape,
             ", ".join(f"{n} {ms:.2f}" for n, ms in timings.items()),
         )
-        _write_choice(cache_dir, key, best, timings)
+        if writable:
+            _write_choice(cache_dir, key, best, timings)
     for name, backend in opened.items():
         if name != best:
             backend.close()
@@ -197,18 +225,68 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+INSTRUCTION_SETS = (
+    "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+)  # fmt: skip
+"""The CPU features (``/proc/cpuinfo`` flag names) that change which runtime and precision is
+fastest: wide vectors, int8 dot products (VNNI), native bf16 and the AMX tile units."""
+
+
+def cpu_features(flags: str | None = None) -> str:
+    """The :data:`INSTRUCTION_SETS` the CPU has, ``+``-joined in that order (``none`` when it has
+    none of them or the flags cannot be read). ``flags``: a ``/proc/cpuinfo`` flags line (read
+    from the machine when None)."""
+    if flags is None:
+        flags = ""
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[-1]
+                    break
+    have = set(flags.split())
+    return "+".join(f for f in INSTRUCTION_SETS if f in have) or "none"
+
+
 @contextlib.contextmanager
-def _choice_lock(cache_dir: Path | None) -> Iterator[None]:
+def _choice_lock(cache_dir: Path | None) -> Iterator[bool]:
+    """Hold the choice file's lock; yields whether the choice may be written.
+
+    A cache directory that cannot be created or locked (a read-only root filesystem, an image's
+    own cache) is read but not written: the choice is measured at every start, logged once.
+    """
     if cache_dir is None:
-        yield
+        yield False
         return
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with (cache_dir / (CHOICE_FILE + ".lock")).open("a") as handle:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        handle = (cache_dir / (CHOICE_FILE + ".lock")).open("a")
+    except OSError as exc:
+        _warn_read_only(cache_dir, exc)
+        yield False
+        return
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_warned_read_only: set[Path] = set()
+
+
+def _warn_read_only(cache_dir: Path, exc: OSError) -> None:
+    if cache_dir in _warned_read_only:
+        return
+    _warned_read_only.add(cache_dir)
+    log.warning(
+        "runtime auto: cannot write the choice to %s (%s): measuring at every start; point %s "
+        "at a writable directory, or set %s to a runtime, to skip the measurement",
+        cache_dir,
+        exc.strerror or exc,
+        env_name("cache_dir"),
+        env_name("runtime"),
+    )
 
 
 def _read_choice(cache_dir: Path | None, key: str) -> str | None:
@@ -237,5 +315,8 @@ def _write_choice(
         entries = {}
     entries[key] = {"runtime": choice, "median_ms": timings_ms}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries, indent=2, sort_keys=True))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(entries, indent=2, sort_keys=True))
+        tmp.replace(path)
+    except OSError as exc:
+        _warn_read_only(cache_dir, exc)

@@ -4,7 +4,13 @@ Nothing here knows about models files or runtimes; every step matches the behavi
 reference implementation (ultralytics' predict) so that detections agree with it.
 """
 
-from inference_service.vision.decode import ImageBGR, decode_image, image_size
+from inference_service.vision.decode import (
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
+    ImageBGR,
+    decode_image,
+    image_size,
+)
 from inference_service.vision.letterbox import (
     PAD_VALUE,
     LetterboxGeometry,
@@ -17,7 +23,9 @@ from inference_service.vision.letterbox import (
 from inference_service.vision.postprocess import RawDetections, nms, postprocess, scale_boxes
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "PAD_VALUE",
+    "VIDEO_SUFFIXES",
     "ImageBGR",
     "LetterboxGeometry",
     "RawDetections",

@@ -23,6 +23,11 @@ from inference_service.errors import FrameTooLargeError, UndecodableFrameError
 ImageBGR = npt.NDArray[np.uint8]
 """An ``(height, width, 3)`` ``uint8`` image in BGR channel order."""
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+"""File suffixes of the image formats :func:`decode_image` reads (the one list of them)."""
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
+"""File suffixes read as videos (OpenCV's ``VideoCapture``) by the commands and calibration."""
+
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _BMP_MAGIC = b"BM"
