@@ -45,7 +45,7 @@ def cpu() -> dict[str, Any]:
 
 def one_run(n: int, keyword: str | None, workdir: Path) -> dict[str, Any]:
     xml = workdir / f"run-{n}.xml"
-    cmd = [sys.executable, "-m", "pytest", TESTS, "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", TESTS, "-q", "-p", "no:cacheprovider", "-m", "",
            "-o", "junit_logging=system-out", f"--junitxml={xml}"]  # fmt: skip
     if keyword:
         cmd += ["-k", keyword]
