@@ -76,6 +76,16 @@ def one_run(n: int, keyword: str | None, workdir: Path) -> dict[str, Any]:
             "tests": tests, "recovery_s": recoveries, "resumed_s": resumed}  # fmt: skip
 
 
+def _revision() -> str:
+    """The commit the runs tested, marked when the work tree differed from it."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)  # fmt: skip
+    name = head.stdout.strip() or "unknown"
+    return f"commit {name}" + (" with uncommitted changes" if dirty.stdout.strip() else "")
+
+
 def write(runs: list[dict[str, Any]], argv: list[str]) -> None:
     info = cpu()
     per_test: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -87,6 +97,7 @@ def write(runs: list[dict[str, Any]], argv: list[str]) -> None:
         "# Broker faults, run again and again",
         "",
         f"Command: `scripts/stack run -- .venv/bin/python scripts/fault_runs.py {' '.join(argv)}`",
+        f"Code: {_revision()}.",
         f"CPU: {info['model']}, {info['cores']} cores, flags {', '.join(info['flags']) or '-'}; "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
