@@ -275,6 +275,15 @@ def broker_restored() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------ the tests
+def two_replicas(pipeline: Pipeline, delivery: str) -> tuple[dict[str, str], Service, Service]:
+    """The fast-failover settings for ``delivery`` and two replicas started with them, ready."""
+    opts = {**FAST_FAILOVER, "INFERENCE_DELIVERY": delivery}
+    a, b = pipeline.service(**opts), pipeline.service(**opts)
+    a.wait_ready()
+    b.wait_ready()
+    return opts, a, b
+
+
 @pytest.mark.parametrize("delivery", ["exactly_once", "at_least_once"])
 @pytest.mark.usefixtures("broker_restored")
 def test_broker_killed_while_transactions_are_open(
@@ -282,10 +291,7 @@ def test_broker_killed_while_transactions_are_open(
 ) -> None:
     """SIGKILL of the broker under a steady stream into two replicas, restarted after 4 s."""
     tasks = upload(pipeline6, s3_client, videos=6, frames=50)
-    opts = {**FAST_FAILOVER, "INFERENCE_DELIVERY": delivery}
-    a, b = pipeline6.service(**opts), pipeline6.service(**opts)
-    a.wait_ready()
-    b.wait_ready()
+    opts, a, b = two_replicas(pipeline6, delivery)
     with Stream(pipeline6, tasks, per_s=25):
         wait_metric(a, "inference_results_total", 10)
         signal_broker(signal.SIGKILL)
@@ -308,10 +314,7 @@ def test_broker_frozen_past_every_watchdog(
     fetch's own timeout), then SIGCONT: every call in flight hangs, producers are abandoned and
     replaced under the same transactional id; 0 lost, and 0 duplicates under exactly_once."""
     tasks = upload(pipeline6, s3_client, videos=6, frames=40)
-    opts = {**FAST_FAILOVER, "INFERENCE_DELIVERY": delivery}
-    a, b = pipeline6.service(**opts), pipeline6.service(**opts)
-    a.wait_ready()
-    b.wait_ready()
+    opts, a, b = two_replicas(pipeline6, delivery)
     with Stream(pipeline6, tasks, per_s=20):
         wait_metric(a, "inference_results_total", 10)
         signal_broker(signal.SIGSTOP)

@@ -313,15 +313,15 @@ class TransactionalSink:
         self._hung = None
         if hung is not None:
             self._abandon(producer, hung)
-        self._producer = None
-        try:
-            self._producer = self._start_producer()
-        except (KafkaException, KafkaUnavailableError) as exc:
-            log.warning("the replacement producer did not start (%s); retried next cycle", exc)
+        self._restart_producer()
 
     def _replace_producer(self, producer: Producer) -> None:
         with contextlib.suppress(Exception):
             producer.flush(0)
+        self._restart_producer()
+
+    def _restart_producer(self) -> None:
+        """A new producer under the same id now; if it cannot start, the next cycle tries again."""
         self._producer = None
         try:
             self._producer = self._start_producer()
