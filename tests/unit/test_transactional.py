@@ -4,6 +4,7 @@ instance id behind its transactional id, against a scripted stand-in for librdka
 from __future__ import annotations
 
 import asyncio
+import struct
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from confluent_kafka import KafkaError, KafkaException
 from inference_service.adapters.kafka import transactional
 from inference_service.adapters.kafka.instance import InstanceId, claim_instance_id
 from inference_service.adapters.kafka.io import KafkaIO
+from inference_service.adapters.kafka.membership import Membership, read_membership
 from inference_service.adapters.kafka.transactional import (
     INIT_TIMEOUT_S,
     INIT_WATCHDOG_S,
@@ -75,9 +77,20 @@ class FakeProducer:
         return 0
 
 
+def group_metadata(generation: int, member_id: str) -> bytes:
+    """librdkafka's serialised group metadata (see ``membership``), as the client hands it out."""
+    return (b"CGMDv2:" + struct.pack("=i", generation) + b"group\0" + member_id.encode()
+            + b"\0\1")  # fmt: skip
+
+
 class FakeConsumer:
+    metadata = group_metadata(3, "rdkafka-member-1")
+
     def consumer_group_metadata(self) -> object:
-        return object()
+        return self.metadata
+
+    def memberid(self) -> str | None:
+        return None
 
 
 class FakeSource:
@@ -278,3 +291,60 @@ def test_a_configured_instance_id_is_used_as_it_is() -> None:
 def test_an_instance_id_a_transactional_id_cannot_hold_is_refused() -> None:
     with pytest.raises(ValueError, match="instance_id"):
         Settings(instance_id="pod 3; rm")
+
+
+@pytest.mark.parametrize(
+    ("generation", "member_id"),
+    [(-1, ""), (-1, "rdkafka-member-1"), (4, "")],
+    ids=["no-membership", "generation-reset", "member-reset"],
+)
+def test_offsets_are_never_sent_with_metadata_the_coordinator_would_not_check(
+    monkeypatch: pytest.MonkeyPatch, generation: int, member_id: str
+) -> None:
+    """Between losing its session and rejoining, librdkafka's group metadata carries generation
+    -1 and/or no member id; the coordinator accepts a transactional offset commit without them
+    (an empty group takes it as an outside producer's), so sending it would commit partitions
+    another member has started again. The cycle is rewound without a transaction."""
+    monkeypatch.setattr(FakeConsumer, "metadata", group_metadata(generation, member_id))
+    sink = make_sink()
+
+    async def go() -> Any:
+        await sink.open()
+        return await sink.publish(items())
+
+    outcome = asyncio.run(go())
+    assert outcome.rewind == {("tasks", 0): 7}
+    assert outcome.published == []
+    assert FakeProducer.made[0].calls == ["init"]  # no begin, no produce, no offsets
+
+
+def test_a_live_membership_commits() -> None:
+    sink = make_sink()
+
+    async def go() -> Any:
+        await sink.open()
+        return await sink.publish(items())
+
+    outcome = asyncio.run(go())
+    assert not outcome.failed
+    assert FakeProducer.made[0].calls == ["init", "begin", "produce", "produce", "offsets",
+                                          "commit"]  # fmt: skip
+
+
+def test_the_membership_is_read_from_librdkafkas_own_metadata() -> None:
+    """The format parsed is the one the installed librdkafka writes: a consumer that has not
+    joined its group carries generation -1 and no member id."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"group.id": "g-membership", "bootstrap.servers": "127.0.0.1:9",
+                         "log_level": 0})  # fmt: skip
+    try:
+        membership = read_membership(consumer.consumer_group_metadata())
+    finally:
+        consumer.close()
+    assert membership == Membership(-1, "")
+    assert not membership.live
+    assert read_membership(group_metadata(7, "m")) == Membership(7, "m")
+    assert read_membership(group_metadata(7, "m")).live  # type: ignore[union-attr]
+    assert read_membership(b"CGMDv9:...") is None
+    assert read_membership(b"CGMDv2:\1\0") is None

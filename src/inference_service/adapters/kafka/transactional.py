@@ -1,7 +1,9 @@
 """``exactly_once``: each commit cycle is one Kafka transaction (results, dead letters, offsets).
 
 The consumed offsets go into the transaction with the consumer's group metadata, so an instance
-that lost its partitions (a zombie) is fenced by the group coordinator. The transactional id is
+that lost its partitions (a zombie) is fenced by the group coordinator; metadata that the
+coordinator would not check (a consumer between losing its session and rejoining, see
+:mod:`.membership`) is never sent: that cycle is rewound instead. The transactional id is
 ``<prefix>-<instance id>`` (:mod:`.instance`), the same for every producer this process makes and
 for its next incarnation: each new producer's ``init_transactions`` fences the ones before it and
 settles the transaction they left open before it returns.
@@ -28,6 +30,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from inference_service.adapters.kafka.config import service_producer_config
 from inference_service.adapters.kafka.instance import InstanceId, claim_instance_id
 from inference_service.adapters.kafka.io import WATCHDOG_S, Call, KafkaIO
+from inference_service.adapters.kafka.membership import read_membership
 from inference_service.adapters.kafka.produce import produce_outcome
 from inference_service.adapters.kafka.source import KafkaTaskSource
 from inference_service.domain import Finished, Partition
@@ -247,6 +250,15 @@ class TransactionalSink:
             return Published(rewind=first)
         if self._abandoned is not None and self._abandoned[1].done:
             self._release_abandoned()
+        group_metadata = self._source.consumer.consumer_group_metadata()
+        if not self._member(group_metadata):
+            self._metrics.transactions.labels("failed").inc()
+            log.warning(
+                "the consumer is not a member of group %s right now (its session ended; the "
+                "loss of its partitions is being served): %d results not committed, rewinding",
+                self._s.group_id, len(items),
+            )  # fmt: skip
+            return Published(rewind=first)
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         started = time.monotonic()
         try:
@@ -257,7 +269,7 @@ class TransactionalSink:
                 "send_offsets_to_transaction",
                 producer.send_offsets_to_transaction,
                 tps,
-                self._source.consumer.consumer_group_metadata(),
+                group_metadata,
                 CALL_TIMEOUT_S,
             )
             self._commit_with_retries(producer)
@@ -292,6 +304,14 @@ class TransactionalSink:
                 {f"{t}[{p}]": (first[(t, p)], o) for (t, p), o in offsets.items()},
             )
         return Published(published=items)
+
+    def _member(self, group_metadata: object) -> bool:
+        """Whether offsets sent with ``group_metadata`` are checked by the group coordinator
+        (see :mod:`.membership`); librdkafka's member id where the format is not the known one."""
+        membership = read_membership(group_metadata)
+        if membership is not None:
+            return membership.live
+        return bool(self._source.consumer.memberid())
 
     def _commit_with_retries(self, producer: Producer) -> None:
         for attempt in range(COMMIT_ATTEMPTS):
