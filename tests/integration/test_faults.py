@@ -304,7 +304,6 @@ def test_broker_killed_while_transactions_are_open(
     assert b.proc is not None and b.proc.poll() is None, b.log_tail()
 
 
-@pytest.mark.soak
 @pytest.mark.parametrize("delivery", ["exactly_once", "at_least_once"])
 @pytest.mark.usefixtures("broker_restored")
 def test_broker_frozen_past_every_watchdog(
