@@ -45,6 +45,7 @@ import numpy as np
 from inference_service.errors import ConfigError, ModelError
 from inference_service.runtime.base import Batch, HeadOutput, Images, to_batch
 from inference_service.runtime.mixed_precision import STEM_F32, keep_f32
+from inference_service.runtime.openvino_import import import_openvino
 from inference_service.settings import env_name
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class OpenVinoBackend:
         hint = hint.upper()
         if hint not in ("LATENCY", "THROUGHPUT"):
             raise ConfigError(f"OpenVINO performance hint {hint!r}: expected LATENCY or THROUGHPUT")
-        import openvino as ov
+        ov = import_openvino()
 
         self._core = ov.Core()
         if device not in self._core.available_devices:
@@ -160,7 +161,7 @@ class OpenVinoBackend:
         """The model as OpenVINO reads it; in bf16, IR layers named by ``f32_layers`` stay f32."""
         if precision != "bf16" or f32_layers is None:
             return self._core.read_model(str(model_path))
-        import openvino as ov
+        ov = import_openvino()
 
         if model_path.suffix == ".xml":
             xml_text = model_path.read_text(encoding="utf-8")
@@ -228,7 +229,7 @@ class OpenVinoBackend:
             return compiled
 
     def _compile(self, shape: tuple[int, int, int, int], images: bool) -> _Compiled:
-        import openvino as ov
+        ov = import_openvino()
         from openvino.preprocess import ColorFormat, PrePostProcessor
 
         model = self._model.clone()
