@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("inference_service.commands.submit", "split a video or folder into frame tasks"),
     "collect": ("inference_service.commands.collect", "gather and check one video's results"),
     "replay-dlq": ("inference_service.commands.replay_dlq", "copy dead letters back to a topic"),
+    "export": ("inference_service.commands.export_cmd", "convert a model to a model directory"),
 }
 
 

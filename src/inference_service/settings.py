@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -124,9 +125,12 @@ class Settings(BaseSettings):
     s3_concurrency: int = Field(32, ge=1, le=1024, description="Most S3 GETs under way at once.")
 
     # --- Model and detection -------------------------------------------------------------------
-    model: Path = Field(
+    model: Path | str = Field(
         Path("best.pt"),
-        description="A YOLOv8 .pt checkpoint, an .onnx file, or an OpenVINO IR directory.",
+        description="A YOLOv8 .pt checkpoint, an .onnx file, an OpenVINO IR directory, a model "
+        "directory made by `inference-service export`, or s3://bucket/key (an .onnx, a .pt, or "
+        "a model directory's prefix/), fetched into INFERENCE_CACHE_DIR and reused while "
+        "unchanged.",
     )
     conf: float = Field(0.25, gt=0.0, lt=1.0, description="Confidence threshold.")
     iou: float = Field(0.45, gt=0.0, le=1.0, description="IoU threshold of NMS.")
@@ -244,6 +248,27 @@ class Settings(BaseSettings):
             raise ValueError("expected a positive integer or 'auto'")
         return value
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_path_or_uri(cls, value: object) -> object:
+        """``s3://bucket/key`` stays a string (a Path would fold its ``//``); anything else is a
+        local path, relative to the working directory as given."""
+        if isinstance(value, Path) and str(value).startswith("s3:/"):
+            value = "s3://" + str(value).removeprefix("s3:/")  # a Path folded the URI's "//"
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                raise ValueError("empty: name a model file, directory or s3://bucket/key")
+            if text.startswith("s3://"):
+                bucket = text.removeprefix("s3://").partition("/")[0]
+                if not is_bucket_name(bucket):
+                    raise ValueError(
+                        f"{bucket!r} is not an S3 bucket name (3-63 of a-z, 0-9, '.' and '-')"
+                    )
+                return text
+            return Path(text)
+        return value
+
     @field_validator("s3_allowed_buckets", mode="before")
     @classmethod
     def _bucket_list(cls, value: object) -> object:
@@ -333,6 +358,22 @@ class Settings(BaseSettings):
         if self.s3_allowed_buckets == "*":
             return None
         return frozenset(self.s3_allowed_buckets.split(","))
+
+    def s3_store_options(self) -> dict[str, str]:
+        """obstore ``S3Store`` keyword arguments for this service's S3: region, endpoint, and the
+        ``AWS_*`` credentials from the environment when both halves are set (else obstore's own
+        chain: instance profile, web identity, ...)."""
+        options = {"region": self.s3_region}
+        if self.s3_endpoint_url:
+            options["endpoint"] = self.s3_endpoint_url
+        key_id = os.environ.get("AWS_ACCESS_KEY_ID")
+        secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if key_id and secret:
+            options["access_key_id"] = key_id
+            options["secret_access_key"] = secret
+            if token := os.environ.get("AWS_SESSION_TOKEN"):
+                options["session_token"] = token
+        return options
 
     def cache_path(self) -> Path:
         """The cache directory with ``~`` expanded."""

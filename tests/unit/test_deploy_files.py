@@ -76,15 +76,18 @@ def test_runtime_image_has_no_torch_and_ships_the_converted_model() -> None:
     assert "[export]" not in text and "torch" not in text and "ultralytics" not in text
     copies = [rest for word, rest in runtime if word == "COPY"]
     assert any("/opt/model-cache" in c for c in copies), copies
-    assert any("/models/best.pt" in c for c in copies), copies
+    assert any("/models/model" in c for c in copies), copies
+    assert not any("best.pt" in c for c in copies), "the runtime ships the model directory only"
     env = " ".join(rest for word, rest in runtime if word == "ENV")
-    assert "INFERENCE_MODEL=/models/best.pt" in env
+    assert "INFERENCE_MODEL=/models/model" in env
     assert "INFERENCE_CACHE_DIR=/opt/model-cache" in env
-    # The conversion happens in an earlier stage that installs the export extra's lock.
+    # The conversion happens in an earlier stage that installs the export extra's lock, with
+    # `inference-service export`; the serving venv then resolves the directory.
     earlier = " ".join(
         rest for stage in stages(dockerfile_instructions())[:-1] for _w, rest in stage
     )
     assert "requirements/export.txt" in earlier and "resolve_model" in earlier
+    assert "inference-service export /models/best.pt --out /models/model" in earlier
 
 
 def test_every_stage_installs_from_the_hashed_locks() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections import OrderedDict
@@ -84,16 +83,7 @@ def open_store(
         "max_retries": max_retries,
         "retry_timeout": timedelta(seconds=retry_timeout_s),
     }
-    kwargs: dict[str, str] = {"region": settings.s3_region}
-    if settings.s3_endpoint_url:
-        kwargs["endpoint"] = settings.s3_endpoint_url
-    key_id = os.environ.get("AWS_ACCESS_KEY_ID")
-    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if key_id and secret:
-        kwargs["access_key_id"] = key_id
-        kwargs["secret_access_key"] = secret
-        if token := os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = token
+    kwargs = settings.s3_store_options()
     return S3Store(
         bucket,
         client_options=client,

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from inference_service.errors import ModelError
+from inference_service.runtime.openvino_import import telemetry_off
 from inference_service.settings import env_name
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,16 @@ def export_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("ultralytics", "torch", "onnx"))
 
 
-def export_onnx(source: Path, out_dir: Path, *, config_dir: Path, timeout_s: float = 600.0) -> Path:
-    """Export the checkpoint ``source`` to ``out_dir/model.onnx`` in a child process.
+def export_onnx(
+    source: Path,
+    out_dir: Path,
+    *,
+    config_dir: Path,
+    timeout_s: float = 600.0,
+    imgsz: int | None = None,
+) -> Path:
+    """Export the checkpoint ``source`` to ``out_dir/model.onnx`` in a child process (at
+    ``imgsz``, the nominal size its metadata records; None: the checkpoint's training size).
 
     Raises :class:`ModelError` when the export extra is missing, the file is no YOLOv8 detection
     checkpoint, or the export fails (with the child's last output).
@@ -65,6 +74,8 @@ def export_onnx(source: Path, out_dir: Path, *, config_dir: Path, timeout_s: flo
     env.setdefault("YOLO_CONFIG_DIR", str(config_dir))
     env.setdefault("YOLO_VERBOSE", "False")
     command = [sys.executable, "-m", "inference_service.model.export", str(source), str(out_dir)]
+    if imgsz is not None:
+        command += ["--imgsz", str(imgsz)]
     log.info("converting %s to ONNX (once; cached in %s)", source, out_dir.parent)
     try:
         done = subprocess.run(
@@ -86,12 +97,18 @@ def export_onnx(source: Path, out_dir: Path, *, config_dir: Path, timeout_s: flo
 
 
 def onnx_to_openvino(onnx_path: Path, out_dir: Path) -> Path:
-    """Convert an ONNX model to OpenVINO IR (fp32 weights, no compression); the ``.xml`` path."""
-    import openvino as ov
+    """Convert an ONNX model to OpenVINO IR (fp32 weights, no compression); the ``.xml`` path.
 
-    model = ov.convert_model(str(onnx_path))
+    ``convert_model`` and ``save_model`` report usage to an analytics service through
+    ``openvino_telemetry`` unless ``CI=true`` (its only switch): it is set for the two calls,
+    then restored.
+    """
     xml = out_dir / OPENVINO_NAME
-    ov.save_model(model, str(xml), compress_to_fp16=False)
+    with telemetry_off():
+        import openvino as ov  # its first import reports usage too
+
+        model = ov.convert_model(str(onnx_path))
+        ov.save_model(model, str(xml), compress_to_fp16=False)
     return xml
 
 
@@ -164,7 +181,7 @@ def onnx_to_ncnn(onnx_path: Path, out_dir: Path, *, timeout_s: float = 300.0) ->
     return out_dir
 
 
-def _child(source: Path, out_dir: Path) -> int:
+def _child(source: Path, out_dir: Path, imgsz_override: int | None = None) -> int:
     """The child process: load with ultralytics, check it is a YOLOv8 detector, export."""
     yolo_class: Any = importlib.import_module("ultralytics").YOLO
 
@@ -183,7 +200,7 @@ def _child(source: Path, out_dir: Path) -> int:
             file=sys.stderr,
         )
         return _EXIT_NOT_DETECT
-    imgsz = yolo.overrides.get("imgsz", 640)
+    imgsz = imgsz_override or yolo.overrides.get("imgsz", 640)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "model.pt"
     shutil.copyfile(source, work)
@@ -202,8 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a YOLOv8 .pt checkpoint to ONNX.")
     parser.add_argument("source", type=Path)
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--imgsz", type=int, default=None)
     args = parser.parse_args(argv)
-    return _child(args.source, args.out_dir)
+    return _child(args.source, args.out_dir, args.imgsz)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from inference_service.errors import ModelError
+from inference_service.runtime.openvino_import import import_openvino
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def read_onnx_metadata(path: Path) -> ModelMetadata:
 
 def read_openvino_metadata(xml: Path) -> ModelMetadata:
     """Metadata of an ultralytics OpenVINO IR (``metadata.yaml`` beside it, else its rt_info)."""
-    import openvino as ov
+    ov = import_openvino()
 
     try:
         model = ov.Core().read_model(str(xml))

@@ -11,6 +11,13 @@
   ``.onnx`` source) for the ncnn runtime.
 - An OpenVINO IR directory (or its ``.xml``) is used as it is, its metadata read from
   ``metadata.yaml`` beside it or from its rt_info.
+- A model directory made by ``inference-service export`` (:mod:`inference_service.model.manifest`)
+  is used as it is: its files are checked against the manifest's sizes and sha256, nothing is
+  converted, and its identity is the sha256 of the model it was made from. With
+  ``INFERENCE_PRECISION=int8`` its own int8 IR is used when it has one.
+- ``s3://bucket/key`` (an ``.onnx``, a ``.pt`` or a model directory's prefix) is first fetched into
+  the cache (:mod:`inference_service.model.remote`, reused while unchanged), then resolved as the
+  local copy.
 - With ``INFERENCE_PRECISION=int8`` the model (from any of the above) is also quantized once
   (:mod:`inference_service.model.quantize`, on :mod:`inference_service.model.calibration`'s frames)
   into ``<cache_dir>/<sha256>/int8-<key>/``, where ``key`` hashes the model's sha256, the
@@ -27,34 +34,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from inference_service.errors import ConfigError, ModelError
 from inference_service.model.calibration import load_calibration, locate_calibration
 from inference_service.model.export import (
+    INSTALL_HINT,
     NCNN_BIN,
     NCNN_PARAM,
     OPENVINO_NAME,
+    export_available,
     export_onnx,
     ncnn_available,
     onnx_to_ncnn,
     onnx_to_openvino,
 )
+from inference_service.model.locking import exclusive
+from inference_service.model.manifest import is_model_directory, read_manifest, verify_directory
 from inference_service.model.metadata import (
     ModelMetadata,
     read_onnx_metadata,
     read_openvino_metadata,
 )
 from inference_service.model.quantize import RECIPE, REPORT_NAME, quantize
+from inference_service.model.remote import cached_copy, fetch, open_reader
+from inference_service.model.source import is_remote, remote_location
 from inference_service.runtime.openvino_backend import is_quantized
 from inference_service.settings import Settings, env_name
 
@@ -109,13 +120,20 @@ class ResolvedModel:
 
 def resolve_model(settings: Settings) -> ResolvedModel:
     """Resolve ``settings.model`` (see the module docstring); raises :class:`ModelError`."""
-    source = settings.model.expanduser()
+    local = None if is_remote(settings.model) else Path(settings.model).expanduser()
+    source = local if local is not None else _fetched(settings)
     if not source.exists():
         raise ModelError(
             f"{env_name('model')}={settings.model}: no such file or directory "
-            f"(working directory {Path.cwd()}); expected a YOLOv8 .pt, an .onnx file "
-            "or an OpenVINO IR directory"
+            f"(working directory {Path.cwd()}); expected a YOLOv8 .pt, an .onnx file, "
+            "an OpenVINO IR directory or a model directory made by `inference-service export`"
         )
+    if is_model_directory(source):
+        resolved = _from_model_directory(source)
+        resolved = _with_imgsz(resolved, settings.imgsz)
+        if settings.precision == "int8":
+            resolved = _directory_int8(resolved, source, settings)
+        return resolved
     if source.is_dir() or source.suffix.lower() == ".xml":
         xml = _find_xml(source) if source.is_dir() else source
         if xml is None:
@@ -140,6 +158,65 @@ def resolve_model(settings: Settings) -> ResolvedModel:
     if settings.precision == "int8":
         resolved = _with_int8(resolved, settings)
     return resolved
+
+
+def _fetched(settings: Settings) -> Path:
+    """The local copy of the configured ``s3://`` model (downloaded once, then reused)."""
+    location = remote_location(settings)
+    reader = open_reader(settings, location.bucket)
+    if location.suffix in (".pt", ".pth") and not export_available():
+        # Without the export extra a checkpoint serves only if its conversion is cached already.
+        cached = cached_copy(settings, location, reader)
+        entry = None if cached is None else settings.cache_path() / _sha256(cached)
+        if entry is None or not (entry / METADATA_NAME).is_file():
+            raise ModelError(
+                f"{env_name('model')}={location.uri} is a PyTorch checkpoint; converting it needs "
+                f"ultralytics and torch: {INSTALL_HINT} (or upload a model directory made by "
+                "`inference-service export`, or an .onnx file, and name that)"
+            )
+    return fetch(settings, location, reader).path
+
+
+def _from_model_directory(directory: Path) -> ResolvedModel:
+    """A model directory made by ``export``: its files as they are, verified, no conversion."""
+    manifest = read_manifest(directory)
+    verify_directory(directory, manifest)
+    onnx = manifest.file("onnx")
+    xml = manifest.file("openvino")
+    param = manifest.file("ncnn")
+    resolved = _resolved(
+        directory,
+        manifest.source_sha256,
+        directory / onnx if onnx else None,
+        (directory / xml).parent if xml else None,
+        manifest.metadata,
+    )
+    if param is not None and (directory / param).name == NCNN_PARAM:
+        resolved = dataclasses.replace(resolved, ncnn_dir=(directory / param).parent.resolve())
+    log.info(
+        "model directory %s (source %s, sha256 %s): %s",
+        directory,
+        manifest.source_name,
+        manifest.source_sha256[:12],
+        ", ".join(f"{rt} {'/'.join(sorted(p))}" for rt, p in sorted(manifest.runtimes.items())),
+    )
+    return resolved
+
+
+def _directory_int8(model: ResolvedModel, directory: Path, settings: Settings) -> ResolvedModel:
+    """The directory's own int8 IR when it has one; else quantized into the cache as for any
+    model (needs NNCF and ``INFERENCE_CALIBRATION``)."""
+    xml = read_manifest(directory).file("openvino", "int8")
+    if xml is None:
+        log.info("int8: %s has no int8 model; quantizing it (once, cached)", directory)
+        return _with_int8(model, settings)
+    if settings.calibration is not None:
+        log.info(
+            "int8: %s has its own int8 model; %s is not used",
+            directory,
+            env_name("calibration"),
+        )
+    return dataclasses.replace(model, int8_dir=(directory / xml).parent.resolve())
 
 
 def _resolved(
@@ -185,7 +262,7 @@ def _from_checkpoint(source: Path, cache: Path) -> ResolvedModel:
     entry = cache / digest
     if not (entry / METADATA_NAME).is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        with _exclusive(cache / f"{digest}.lock"):
+        with exclusive(cache / f"{digest}.lock"):
             if not (entry / METADATA_NAME).is_file():
                 _convert(source, entry, cache)
     meta = ModelMetadata.from_json((entry / METADATA_NAME).read_text())
@@ -203,7 +280,7 @@ def _with_ncnn(model: ResolvedModel, onnx: Path, entry: Path) -> ResolvedModel:
         with contextlib.ExitStack() as held:
             try:
                 entry.mkdir(parents=True, exist_ok=True)
-                held.enter_context(_exclusive(entry.parent / f"{entry.name}.ncnn.lock"))
+                held.enter_context(exclusive(entry.parent / f"{entry.name}.ncnn.lock"))
             except OSError as exc:  # a read-only cache: OpenVINO and ONNX Runtime still run it
                 log.warning("no ncnn conversion of %s: cache %s: %s", model.source, entry, exc)
                 return model
@@ -256,7 +333,7 @@ def _with_int8(model: ResolvedModel, settings: Settings) -> ResolvedModel:
                 f"({exc.strerror or exc}); point {env_name('cache_dir')} at a writable "
                 "directory, or quantize once where it is writable and ship the cache"
             ) from None
-        with _exclusive(entry.parent / f"int8-{key}.lock"):
+        with exclusive(entry.parent / f"int8-{key}.lock"):
             if not (entry / REPORT_NAME).is_file():
                 tmp = entry.parent / f".tmp-int8-{key}-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -304,16 +381,6 @@ def _convert(source: Path, entry: Path, cache: Path) -> None:
         tmp.rename(entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _find_xml(directory: Path) -> Path | None:
