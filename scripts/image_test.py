@@ -14,9 +14,9 @@ group unique to the run, so nothing else is disturbed). Over the host network it
 4. stop on SIGTERM (``docker stop`` with the pod's grace period) with exit status 0, in time.
 
 Then the same image once more with a model mounted at run time (``--mounted``, on by default): the
-image's own conversion exported as an ``.onnx`` into a host directory, mounted read-only, and
-``INFERENCE_MODEL`` pointed at it. Exit status 0 when every check passed; 2 when Docker or the
-image is missing.
+image's own model directory (made by ``inference-service export`` at build time) copied into a
+host directory, mounted read-only, and ``INFERENCE_MODEL`` pointed at it. Exit status 0 when
+every check passed; 2 when Docker or the image is missing.
 """
 
 from __future__ import annotations
@@ -290,20 +290,18 @@ def run_once(
         delete_topics(env)
 
 
-def export_onnx(image: str, folder: Path) -> Path:
-    """The image's own ONNX conversion of its model, copied out to ``folder``."""
-    cache = pod_spec()["env"]["INFERENCE_CACHE_DIR"]
-    listing = _docker("run", "--rm", "--entrypoint", "sh", image, "-c", f"ls {cache}/*/model.onnx")
-    source = listing.splitlines()[0]
-    folder.mkdir(parents=True, exist_ok=True)
+def copy_model_directory(image: str, folder: Path) -> Path:
+    """The image's own model directory (``inference-service export``'s output), copied out to
+    ``folder``: what a user mounts to run another model without rebuilding."""
+    source = pod_spec()["env"]["INFERENCE_MODEL"]
     name = _docker("create", image)
     try:
-        _docker("cp", f"{name}:{source}", str(folder / "model.onnx"))
+        _docker("cp", f"{name}:{source}", str(folder))
     finally:
         _docker("rm", name, check=False)
-    (folder / "model.onnx").chmod(0o644)
-    folder.chmod(0o755)
-    return folder / "model.onnx"
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,14 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         work.chmod(0o755)
         measured.append(run_once(args.image, "built-in", args.frames, [], {}, work))
         if not args.no_mounted:
-            onnx = export_onnx(args.image, work / "mounted-model")
+            model = copy_model_directory(args.image, work / "mounted-model")
             measured.append(
                 run_once(
                     args.image,
-                    "mounted-onnx",
+                    "mounted-model-directory",
                     args.frames // 2,
-                    [f"{onnx.parent}:/models/mounted:ro"],
-                    {"INFERENCE_MODEL": f"/models/mounted/{onnx.name}"},
+                    [f"{model}:/models/mounted:ro"],
+                    {"INFERENCE_MODEL": "/models/mounted"},
                     work,
                 )
             )

@@ -289,7 +289,7 @@ def test_read_only_root_has_writable_tmp_and_the_image_user() -> None:
     uid = dict(r.split("=", 1) for w, r in runtime if w == "ARG" and "=" in r)["UID"]
     assert pod["securityContext"]["runAsUser"] == int(uid)
     env = {e["name"]: e["value"] for e in container["env"]}
-    # The cache holds the image's build-time conversion; read-only is fine there
+    # The cache is empty in the image (the model directory is elsewhere); read-only is fine there
     # (tests/unit/test_read_only_cache.py), so it is not hidden under an emptyDir.
     assert env["INFERENCE_CACHE_DIR"] not in mounts
     assert any(
