@@ -1,4 +1,8 @@
-"""The composition root: settings → adapters → pipeline, HTTP, signals. Only ``serve`` uses it."""
+"""The composition root: settings → adapters → pipeline, HTTP, signals. Only ``serve`` uses it.
+
+Signals: SIGTERM and SIGINT stop the service cleanly; SIGHUP reloads the serving model's source
+(a zero-downtime swap, :class:`~inference_service.pool.swap.ModelSlot`).
+"""
 
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ from inference_service.budget import FrameBudget
 from inference_service.errors import ConfigError, InferenceError
 from inference_service.http_api import DetectLimits, Readiness, build_app
 from inference_service.metrics import Metrics
+from inference_service.model.source import model_version
 from inference_service.pipeline import Pipeline, PipelineConfig
-from inference_service.pool import DetectorPool
+from inference_service.pool.swap import ModelSlot
 from inference_service.processing import Backoff, TaskProcessor
 from inference_service.settings import Settings, env_name
 
@@ -28,15 +33,26 @@ log = logging.getLogger(__name__)
 
 
 class _PoolMetrics:
-    """Copies the pool's counters into Prometheus metrics when ``/metrics`` is read."""
+    """Copies the pools' counters and the serving model into Prometheus metrics when
+    ``/metrics`` is read."""
 
-    def __init__(self, pool: DetectorPool, metrics: Metrics) -> None:
+    def __init__(self, pool: ModelSlot, metrics: Metrics) -> None:
         self._pool = pool
         self._metrics = metrics
         self._restarts = 0
         self._batches: dict[int, int] = {}
+        self._swaps: dict[str, int] = {}
 
     def refresh(self) -> None:
+        if self._pool.ready():
+            info = self._pool.info
+            self._metrics.show_model(info.name, info.sha256, info.runtime, info.precision)
+            self._metrics.model_load_seconds.set(self._pool.load_s)
+        for outcome, count in self._pool.outcomes.items():
+            seen = self._swaps.get(outcome, 0)
+            if count > seen:
+                self._metrics.model_swaps.labels(outcome).inc(count - seen)
+                self._swaps[outcome] = count
         stats = self._pool.stats()
         self._metrics.detector_in_flight.set(stats.in_flight)
         self._metrics.detector_pending.set(stats.pending)
@@ -92,7 +108,14 @@ async def serve(settings: Settings) -> int:
     """The same request for the Kafka I/O thread, whose start-up retries must end on it."""
     pipeline: Pipeline | None = None
     metrics = Metrics()
-    pool = DetectorPool(settings)
+    pool = ModelSlot(settings)
+    swaps: set[asyncio.Future[object]] = set()
+    """Swaps asked for by SIGHUP and the model's watch, kept until they end."""
+
+    def in_background(work: Awaitable[object]) -> None:
+        future = asyncio.ensure_future(work)
+        swaps.add(future)
+        future.add_done_callback(swaps.discard)
 
     def on_signal(signum: int) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
@@ -105,6 +128,12 @@ async def serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
+    def on_hangup() -> None:
+        log.info("received SIGHUP: reloading the model from %s", pool.source)
+        in_background(pool.swap(None, trigger="sighup"))
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+
     store = S3FrameStore(settings)
     deps = {"kafka": False, "s3": False}
     frames = FrameBudget(settings.max_in_flight_bytes, largest_frame=settings.max_frame_bytes)
@@ -114,6 +143,7 @@ async def serve(settings: Settings) -> int:
         settings.s3_bucket,
         budget=frames,
         allowed_buckets=settings.allowed_buckets(),
+        lease=pool.lease,
     )
     if settings.allowed_buckets() is None:
         log.warning(
@@ -134,6 +164,7 @@ async def serve(settings: Settings) -> int:
         readiness,
         DetectLimits.from_settings(settings),
         refresh_metrics=pool_metrics.refresh,
+        control=pool,
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -143,7 +174,8 @@ async def serve(settings: Settings) -> int:
              settings.http_host, settings.http_port)  # fmt: skip
     if settings.http_token is None:
         log.warning(
-            "POST /v1/detect takes requests without a token: set %s (or %s) to require one",
+            "POST /v1/detect and POST /v1/model take requests without a token: set %s (or %s) "
+            "to require one",
             env_name("http_token_file"),
             env_name("http_token"),
         )
@@ -166,13 +198,16 @@ async def serve(settings: Settings) -> int:
             return 0
         deps["s3"] = True
         await pool_start
-        info = pool.info
-        log.info(
-            "model %s (sha256 %s…) on %s, %d workers × %d threads",
-            *(info.name, info.sha256[:12], info.runtime, pool.processes, pool.threads),
-        )
         if stop.is_set():
             return 0
+        info = pool.info
+        log.info(
+            "model %s (sha256 %s…) on %s, %d workers × %d threads, loaded in %.1f s",
+            *(info.name, info.sha256[:12], info.runtime, pool.processes, pool.threads),
+            pool.load_s,
+        )
+        if settings.model_poll_s:
+            in_background(pool.watch(settings.model_poll_s, model_version))
         io, source, sink = open_kafka(settings, metrics, processor.limits, stopping)
         pipeline = Pipeline(
             PipelineConfig.from_settings(settings), source, sink, processor, metrics
@@ -188,5 +223,9 @@ async def serve(settings: Settings) -> int:
         log.info("stopped cleanly")
         return 0
     finally:
+        pool.drain()
+        for future in list(swaps):
+            future.cancel()
+        await asyncio.gather(*swaps, return_exceptions=True)
         await pool.stop()
         await runner.cleanup()

@@ -238,6 +238,9 @@ class Outcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
     payload: bytes | None = None
     """``result`` encoded as strict JSON, checked against the topic's size limit."""
+    model_sha256: str = ""
+    """sha256 of the model whose identity the result carries (the one that detected it): the
+    pipeline never commits outcomes of two models in one cycle."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,3 +250,47 @@ class Finished:
     partition: Partition
     offset: int
     outcome: Outcome
+
+
+SwapOutcome = Literal["swapped", "unchanged", "failed", "busy", "refused"]
+"""How a model swap ended: the new model serves; it is the serving one already (same sha256);
+it failed to load, warm or detect (the old one serves on); another swap was under way; the
+service is stopping or not started yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class SwapReport:
+    """One model swap's outcome (``/v1/model`` shows the last one)."""
+
+    outcome: SwapOutcome
+    trigger: str
+    """What asked for it: ``http``, ``sighup`` or ``poll``."""
+    requested: str
+    """The model path or URI asked for."""
+    started_at: float
+    """Unix time the swap began."""
+    seconds: float
+    """How long it took (loading, warming and the smoke detection of the new workers)."""
+    model: ModelInfo | None = None
+    """The model serving once it ended."""
+    previous: ModelInfo | None = None
+    """The model serving before (only where it was replaced)."""
+    stage: str = ""
+    """Where a failed swap failed: ``model`` (the path or URI itself), ``load`` (loading and
+    warming) or ``smoke`` (a detection on a synthetic frame)."""
+    error: str = ""
+
+    def to_dict(self) -> JsonObject:
+        out: JsonObject = {
+            "outcome": self.outcome,
+            "trigger": self.trigger,
+            "requested": self.requested,
+            "started_at": round(self.started_at, 3),
+            "seconds": round(self.seconds, 3),
+            "model": self.model.to_dict() if self.model is not None else None,
+            "previous": self.previous.to_dict() if self.previous is not None else None,
+        }
+        if self.outcome == "failed" or self.error:
+            out["stage"] = self.stage
+            out["error"] = self.error
+        return out

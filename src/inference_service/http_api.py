@@ -1,6 +1,7 @@
 """HTTP on port 8003: health, readiness, metrics, the model, and detection without Kafka.
 
 ``/healthz``, ``/readyz``, ``/metrics`` and ``GET /v1/model`` are open, for probes and scrapers.
+``POST /v1/model`` swaps the model (:class:`ModelControl`) and needs the token as detection does.
 ``POST /v1/detect`` shares the detector workers with the Kafka pipeline, so it is bounded
 (:class:`DetectLimits`): a bearer token when one is set (401), a body size (413), a number of
 requests at once (503 with ``Retry-After``), and its frames go to the workers only when no
@@ -11,18 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
 
 # aiohttp's own answer to "Expect: 100-continue" (it is not exported): sent when nothing refuses.
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from inference_service.domain import Priority
+from inference_service.domain import Priority, SwapReport
 from inference_service.errors import ErrorCode, FrameTooLargeError, TaskError
 from inference_service.metrics import Metrics
 from inference_service.ports import AsyncDetector
@@ -92,6 +95,26 @@ def _refusal(
     )
 
 
+SWAP_STATUS = {"swapped": 200, "unchanged": 200, "failed": 422, "busy": 409, "refused": 503}
+"""The status of ``POST /v1/model`` by the swap's outcome (the body is the swap's report)."""
+
+
+class ModelControl(Protocol):
+    """What ``/v1/model`` needs to swap the model and say how the last swap went."""
+
+    @property
+    def source(self) -> str:
+        """The serving model's path or URI."""
+        ...
+
+    @property
+    def last_swap(self) -> SwapReport | None: ...
+
+    async def swap(self, model: str | None = None, *, trigger: str) -> SwapReport:
+        """Swap to ``model`` (None: reload the serving model's source); returns once done."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Readiness:
     """Named checks; the service is ready when all pass."""
@@ -108,8 +131,10 @@ def build_app(
     readiness: Readiness,
     limits: DetectLimits,
     refresh_metrics: Callable[[], None] | None = None,
+    control: ModelControl | None = None,
 ) -> web.Application:
-    """The aiohttp application; no I/O until it is run."""
+    """The aiohttp application; no I/O until it is run. Without ``control`` the model cannot
+    be swapped (no ``POST /v1/model``)."""
     # aiohttp refuses a body over client_max_size while reading it (a chunked one has no length).
     app = web.Application(client_max_size=limits.max_body_bytes)
     admitted = 0  # /v1/detect requests now past the checks (one event loop: no lock needed)
@@ -131,7 +156,45 @@ def build_app(
         body = info.to_dict()
         body["classes"] = {str(i): name for i, name in enumerate(info.classes)}
         body["input_size"] = list(info.imgsz)
+        if control is not None:
+            body["source"] = control.source
+            last = control.last_swap
+            body["last_swap"] = last.to_dict() if last is not None else None
         return web.json_response(body)
+
+    def unauthorized(request: web.Request) -> web.Response | None:
+        """401 unless the request carries the token (or none is required)."""
+        if limits.authorized(request.headers.get("Authorization")):
+            return None
+        metrics.http_rejected.labels("unauthorized").inc()
+        return _refusal(
+            401,
+            "unauthorized",
+            f"{request.method} {request.path} needs the header 'Authorization: Bearer <token>' "
+            f"with the service's token ({env_name('http_token')})",
+            {"WWW-Authenticate": 'Bearer realm="inference-service"'},
+        )
+
+    async def swap_model(request: web.Request) -> web.Response:
+        assert control is not None
+        refused = unauthorized(request)
+        if refused is not None:
+            return refused
+        raw = await request.read()
+        try:
+            given = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            given = None
+        model = given.get("model") if isinstance(given, dict) else None
+        if not isinstance(given, dict) or not (model is None or isinstance(model, str)):
+            return _refusal(
+                400,
+                "invalid_request",
+                'expected a JSON object {"model": "<path or s3:// URI>"} (or an empty body: '
+                "reload the serving model's source)",
+            )
+        report = await control.swap(model, trigger="http")
+        return web.json_response(report.to_dict(), status=SWAP_STATUS[report.outcome])
 
     def too_large(request: web.Request, started: float, size: str) -> web.Response:
         """413 as the result of a ``frame_too_large`` error, like a frame the worker refuses."""
@@ -153,15 +216,9 @@ def build_app(
         for a client that sends ``Expect: 100-continue`` (curl does for large bodies), before
         the body is even sent.
         """
-        if not limits.authorized(request.headers.get("Authorization")):
-            metrics.http_rejected.labels("unauthorized").inc()
-            return _refusal(
-                401,
-                "unauthorized",
-                "POST /v1/detect needs the header 'Authorization: Bearer <token>' with the "
-                f"service's token ({env_name('http_token')})",
-                {"WWW-Authenticate": 'Bearer realm="inference-service"'},
-            )
+        refused = unauthorized(request)
+        if refused is not None:
+            return refused
         if not detector.ready():
             metrics.http_rejected.labels("not_ready").inc()
             return _refusal(
@@ -231,5 +288,7 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/v1/model", model)
+    if control is not None:
+        app.router.add_post("/v1/model", swap_model)
     app.router.add_post("/v1/detect", detect, expect_handler=detect_expect)
     return app

@@ -83,6 +83,29 @@ class Metrics:
             "not_ready, too_large, unauthorized).", ["reason"], registry=r,
         )  # fmt: skip
 
+        self.model_info = Gauge(
+            "inference_model_info", "The serving model (value 1): its name, sha256 (the one "
+            "results carry), runtime and precision.", ["name", "sha256", "runtime", "precision"],
+            registry=r,
+        )  # fmt: skip
+        self._model_shown: tuple[str, str, str, str] | None = None
+        self.model_load_seconds = Gauge(
+            "inference_model_load_seconds", "Seconds the serving model took to load and warm "
+            "in every worker.", registry=r,
+        )  # fmt: skip
+        self.model_swaps = Counter(
+            "inference_model_swaps", "Model swaps asked for, by outcome (swapped, unchanged, "
+            "failed, busy, refused).", ["outcome"], registry=r,
+        )  # fmt: skip
+
+    def show_model(self, name: str, sha256: str, runtime: str, precision: str) -> None:
+        """Make ``inference_model_info`` name only this model."""
+        labels = (name, sha256, runtime, precision)
+        if self._model_shown not in (None, labels):
+            self.model_info.remove(*self._model_shown)
+        self.model_info.labels(*labels).set(1)
+        self._model_shown = labels
+
     def observe_timings(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
             self.stage_seconds.labels(stage).observe(ms / 1000.0)

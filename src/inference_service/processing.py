@@ -9,14 +9,17 @@ Poison failures become an error result and a dead-letter copy. Nothing here rais
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 from inference_service import strict_json
 from inference_service.budget import FrameBudget
-from inference_service.domain import DeadLetter, JsonObject, Outcome, Record, Task
+from inference_service.domain import DeadLetter, JsonObject, ModelInfo, Outcome, Record, Task
 from inference_service.errors import (
     InferenceError,
     InternalError,
@@ -39,6 +42,11 @@ DLQ_MAX_VALUE_BYTES = 512 * 1024
 """A dead letter keeps at most this many bytes of its record (header ``value.truncated``)."""
 MAX_OUT_KEY_BYTES = 4096
 """Longest key a result or dead letter carries; a longer task key is cut (it names no video)."""
+
+DetectorLease = Callable[[], AbstractContextManager[AsyncDetector]]
+"""Pins the detector a record uses from its start to its outcome (the model serving when the
+record started, kept alive meanwhile): records of a partition start in offset order, so a model
+swap gives every record before some offset the old model and every one after it the new one."""
 
 
 @dataclass(slots=True)
@@ -100,12 +108,15 @@ class TaskProcessor:
         budget: FrameBudget | None = None,
         *,
         allowed_buckets: frozenset[str] | None = frozenset(),
+        lease: DetectorLease | None = None,
     ) -> None:
         """``allowed_buckets``: the buckets a task may name besides ``default_bucket``
         (``INFERENCE_S3_ALLOWED_BUCKETS``); None: any. A task naming another gets
-        ``invalid_task``."""
+        ``invalid_task``. ``lease``: where each record takes its detector (a swappable model's
+        slot); by default always ``detector``."""
         self._store = store
         self._detector = detector
+        self._lease: DetectorLease = lease or (lambda: contextlib.nullcontext(detector))
         self._default_bucket = default_bucket
         self._rules = TaskRules.of(default_bucket, allowed_buckets)
         self.health = health or Health()
@@ -118,19 +129,25 @@ class TaskProcessor:
 
     async def handle(self, record: Record, max_task_bytes: int) -> Outcome:
         """The outcome of ``record``. A failure of this code itself stays within the record: it
-        becomes an ``internal_error`` result and dead letter, logged with its traceback."""
-        try:
-            if record.size > max_task_bytes:
-                return self.oversized(record, max_task_bytes)
-            return await self.process(record)
-        except Exception as exc:  # the record's boundary: nothing may escape into the loop
-            log.exception(
-                "internal error on %s[%d]@%d", record.topic, record.partition, record.offset
-            )
-            return self.internal_error(record, exc)
+        becomes an ``internal_error`` result and dead letter, logged with its traceback.
 
-    def oversized(self, record: Record, limit: int) -> Outcome:
-        """The outcome of a record over ``limit`` bytes: an ``invalid_task`` error result."""
+        The detector is leased before anything is awaited: the pipeline starts records in offset
+        order, so their leases follow that order."""
+        with self._lease() as detector:
+            try:
+                if record.size > max_task_bytes:
+                    return self.oversized(record, max_task_bytes, detector.info)
+                return await self.process(record, detector)
+            except Exception as exc:  # the record's boundary: nothing may escape into the loop
+                log.exception(
+                    "internal error on %s[%d]@%d", record.topic, record.partition, record.offset
+                )
+                return self.internal_error(record, exc, detector.info)
+
+    def oversized(self, record: Record, limit: int, model: ModelInfo | None = None) -> Outcome:
+        """The outcome of a record over ``limit`` bytes: an ``invalid_task`` error result
+        (carrying ``model``, by default the detector's)."""
+        model = model or self._detector.info
         exc = InvalidTaskError(
             f"the task record is {record.size} bytes, over the limit of {limit} "
             "(INFERENCE_MAX_TASK_BYTES)"
@@ -138,38 +155,48 @@ class TaskProcessor:
         try:
             obj: JsonObject | None = decode_record(record.value)
         except NotJsonError:
-            return self._dead_letter_only(record, exc)
+            return self._dead_letter_only(record, exc, model)
         except InvalidTaskError as bad:
             obj = bad.readable
         identity = partial_identity(obj, record.key, self._default_bucket)
-        return self._failed(record, identity, exc, stage_timings(None, total_ms=0.0))
+        return self._failed(record, identity, exc, stage_timings(None, total_ms=0.0), model)
 
-    def internal_error(self, record: Record, exc: BaseException) -> Outcome:
+    def internal_error(
+        self, record: Record, exc: BaseException, model: ModelInfo | None = None
+    ) -> Outcome:
         """The outcome of a record whose handling raised ``exc`` unexpectedly."""
+        model = model or self._detector.info
         error = InternalError(f"internal error while handling the task: {type(exc).__name__}")
         identity = partial_identity(None, record.key, self._default_bucket)
         try:
-            return self._failed(record, identity, error, stage_timings(None, total_ms=0.0))
+            timings = stage_timings(None, total_ms=0.0)
+            return self._failed(record, identity, error, timings, model)
         except Exception:
             log.exception("the internal_error result itself failed; dead letter only")
-            return self._dead_letter_only(record, error)
+            return self._dead_letter_only(record, error, model)
 
-    async def process(self, record: Record) -> Outcome:
+    async def process(self, record: Record, detector: AsyncDetector | None = None) -> Outcome:
+        """The outcome of ``record``, detected by ``detector`` (by default the processor's)."""
+        detector = detector or self._detector
+        model = detector.info
         started = time.perf_counter()
         obj: JsonObject | None = None
         try:
             obj = decode_record(record.value)
             task = parse_task(obj, self._rules)
         except NotJsonError as exc:
-            return self._dead_letter_only(record, exc)
+            return self._dead_letter_only(record, exc, model)
         except InvalidTaskError as exc:
             readable = obj if obj is not None else exc.readable
             identity = partial_identity(readable, record.key, self._default_bucket)
             timings = stage_timings(None, total_ms=_ms_since(started))
-            return self._failed(record, identity, exc, timings)
-        return await self._run(record, task, started)
+            return self._failed(record, identity, exc, timings, model)
+        return await self._run(record, task, started, detector)
 
-    async def _run(self, record: Record, task: Task, started: float) -> Outcome:
+    async def _run(
+        self, record: Record, task: Task, started: float, detector: AsyncDetector
+    ) -> Outcome:
+        model = detector.info
         identity = Identity.of_task(task)
         fetch_ms = 0.0
         reservation = self._budget.reservation() if self._budget is not None else None
@@ -182,7 +209,7 @@ class TaskProcessor:
             t1 = time.perf_counter()
             self.held_bytes += len(data)
             try:
-                found = await self._detector.detect(data)
+                found = await detector.detect(data)
             finally:
                 self.held_bytes -= len(data)
                 del data
@@ -191,7 +218,7 @@ class TaskProcessor:
                     reservation = None
         except TaskError as exc:
             timings = stage_timings(None, fetch_ms=fetch_ms, total_ms=_ms_since(started))
-            return self._failed(record, identity, exc, timings)
+            return self._failed(record, identity, exc, timings, model)
         finally:
             if reservation is not None:  # the fetch failed or the task was cancelled
                 await reservation.close()
@@ -204,10 +231,10 @@ class TaskProcessor:
             queue_ms=max(0.0, _ms_since(t1) - worked_ms),
             total_ms=_ms_since(started),
         )
-        result = build_result(identity, self._detector.info, timings, found=found).to_dict()
+        result = build_result(identity, model, timings, found=found).to_dict()
         payload = strict_json.dumps(result)
         if not self._fits(record, payload):
-            return self._too_large(record, identity, timings, len(payload))
+            return self._too_large(record, identity, timings, len(payload), model)
         return Outcome(
             key=_out_key(record),
             result=result,
@@ -215,6 +242,7 @@ class TaskProcessor:
             status="ok",
             timings_ms=timings,
             payload=payload,
+            model_sha256=model.sha256,
         )
 
     async def _fetch(self, task: Task, admit: Admit | None) -> bytes:
@@ -238,12 +266,13 @@ class TaskProcessor:
         identity: Identity,
         exc: TaskError,
         timings: dict[str, float],
+        model: ModelInfo,
     ) -> Outcome:
-        result = build_result(identity, self._detector.info, timings, error=exc).to_dict()
+        result = build_result(identity, model, timings, error=exc).to_dict()
         payload = strict_json.dumps(result)
         if not self._fits(record, payload):
-            return self._too_large(record, identity, timings, len(payload))
-        return self._error_outcome(record, exc, result, payload, timings)
+            return self._too_large(record, identity, timings, len(payload), model)
+        return self._error_outcome(record, exc, result, payload, timings, model)
 
     def _error_outcome(
         self,
@@ -252,6 +281,7 @@ class TaskProcessor:
         result: JsonObject,
         payload: bytes,
         timings: dict[str, float],
+        model: ModelInfo,
     ) -> Outcome:
         """An error result that fits its topic, with the record's dead letter."""
         log.info(
@@ -265,10 +295,16 @@ class TaskProcessor:
             status=str(exc.code),
             timings_ms=timings,
             payload=payload,
+            model_sha256=model.sha256,
         )
 
     def _too_large(
-        self, record: Record, identity: Identity, timings: dict[str, float], size: int
+        self,
+        record: Record,
+        identity: Identity,
+        timings: dict[str, float],
+        size: int,
+        model: ModelInfo,
     ) -> Outcome:
         """A ``result_too_large`` error result without the copied bulk (``meta``, detections);
         a dead letter alone if even that does not fit."""
@@ -278,18 +314,18 @@ class TaskProcessor:
             "meta and detections are left out"
         )
         slim = replace(identity, meta=None)
-        result = build_result(slim, self._detector.info, timings, error=exc).to_dict()
+        result = build_result(slim, model, timings, error=exc).to_dict()
         payload = strict_json.dumps(result)
         if not self._fits(record, payload):
-            return self._dead_letter_only(record, exc)
-        return self._error_outcome(record, exc, result, payload, timings)
+            return self._dead_letter_only(record, exc, model)
+        return self._error_outcome(record, exc, result, payload, timings, model)
 
     def _fits(self, record: Record, payload: bytes) -> bool:
         """Whether ``payload`` fits the results topic with the record's key and framing."""
         key = _out_key(record) or b""
         return len(payload) + len(key) + MESSAGE_OVERHEAD_BYTES <= self.limits.result_bytes
 
-    def _dead_letter_only(self, record: Record, exc: TaskError) -> Outcome:
+    def _dead_letter_only(self, record: Record, exc: TaskError, model: ModelInfo) -> Outcome:
         log.info(
             "record %s[%d]@%d has no usable task: %s",
             record.topic, record.partition, record.offset, exc.message,
@@ -299,6 +335,7 @@ class TaskProcessor:
             result=None,
             dead_letter=self._dead_letter(record, exc),
             status=str(exc.code),
+            model_sha256=model.sha256,
         )
 
     def _dead_letter(self, record: Record, exc: TaskError) -> DeadLetter:

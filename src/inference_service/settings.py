@@ -169,6 +169,13 @@ class Settings(BaseSettings):
         Path("~/.cache/inference-service"),
         description="Where converted models are cached (keyed by the model file's sha256).",
     )
+    model_poll_s: float = Field(
+        0.0,
+        ge=0.0,
+        description="Seconds between checks of the serving model's source for a replacement (S3 "
+        "ETags, or a local file's size and mtime); a change swaps the model without downtime. "
+        "0: never (SIGHUP or POST /v1/model swap it).",
+    )
 
     # --- Limits --------------------------------------------------------------------------------
     max_frame_bytes: int = Field(

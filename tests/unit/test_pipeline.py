@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -528,3 +530,118 @@ def test_a_sink_that_raises_fails_the_cycle_and_the_loop_goes_on() -> None:
     asyncio.run(run_until(pipeline, lambda: len(sink.topic) == n))
     assert len(source.seeks) == 2
     assert published(sink) == {(TOPIC, 0): list(range(n))}
+
+
+# ---------------------------------------------------------------------------------- model swap
+class SwappingModels:
+    """Two fake models behind a lease, as the model slot offers one: after :meth:`switch`, the
+    records started from then on use the second."""
+
+    def __init__(self, seed: int = 0, max_delay_s: float = 0.004) -> None:
+        self.old = FakeDetector(seed, max_delay_s)
+        self.new = FakeDetector(seed + 1, max_delay_s)
+        self.new.info = replace(INFO, sha256="1" * 64)
+        self.serving = self.old
+
+    def switch(self) -> None:
+        self.serving = self.new
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[FakeDetector]:
+        yield self.serving
+
+
+def swapping_pipeline(
+    source: FakeSource, sink: FakeTransactionalSink, cfg: PipelineConfig, models: SwappingModels
+) -> Pipeline:
+    processor = TaskProcessor(
+        FakeStore(), models.old, "frames", backoff=Backoff(0.001, 0.002), lease=models.lease
+    )
+    return Pipeline(cfg, source, sink, processor, Metrics(), backoff=Backoff(0.001, 0.002))
+
+
+def model_of(f: Finished) -> str:
+    """The first character of the sha256 the result carries ("0" old, "1" new)."""
+    assert f.outcome.result is not None
+    sha: str = f.outcome.result["model"]["sha256"]
+    assert sha == f.outcome.model_sha256
+    return sha[0]
+
+
+def cycles_of(sink: FakeTransactionalSink) -> list[list[Finished]]:
+    out, start = [], 0
+    for _at, n in sink.cycles:
+        out.append(sink.topic[start : start + n])
+        start += n
+    return out
+
+
+def test_records_started_before_a_swap_keep_the_old_model_and_cycles_never_mix() -> None:
+    n = 10
+    source = FakeSource({p: [task_value(f"v{p}", i) for i in range(n)] for p in range(2)})
+    sink = FakeTransactionalSink(source)
+    models = SwappingModels()
+    models.old.gates["v0"] = asyncio.Event()  # partition 0's old records wait for the switch
+
+    def maybe_switch() -> None:
+        if source.polls == 3:
+            models.switch()
+            for p in range(2):
+                source.log[(TOPIC, p)].extend(task_value(f"v{p}", i) for i in range(n, 2 * n))
+            models.old.gates["v0"].set()  # detected after the switch, on the old model
+
+    source.on_poll = maybe_switch
+    cfg = config(max_in_flight=64, max_poll_records=64)
+    pipeline = swapping_pipeline(source, sink, cfg, models)
+    asyncio.run(run_until(pipeline, lambda: len(sink.topic) == 4 * n))
+    assert published(sink) == {(TOPIC, p): list(range(2 * n)) for p in range(2)}
+    for p in range(2):
+        lane = [model_of(f) for f in sink.topic if f.partition == (TOPIC, p)]
+        assert lane == ["0"] * n + ["1"] * n, (p, lane)
+    for cycle in cycles_of(sink):
+        assert len({model_of(f) for f in cycle}) == 1, [model_of(f) for f in cycle]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_swap_mid_stream_gives_each_partition_old_then_new(seed: int) -> None:
+    n = 60
+    source = FakeSource({p: [task_value(f"v{p}", i) for i in range(n)] for p in range(3)})
+    sink = FakeTransactionalSink(source)
+    models = SwappingModels(seed, max_delay_s=0.01)
+    source.on_poll = lambda: models.switch() if len(sink.topic) >= 40 else None
+    pipeline = swapping_pipeline(source, sink, config(max_in_flight=24), models)
+    asyncio.run(run_until(pipeline, lambda: len(sink.topic) == 3 * n))
+    assert published(sink) == {(TOPIC, p): list(range(n)) for p in range(3)}
+    for p in range(3):
+        lane = "".join(model_of(f) for f in sink.topic if f.partition == (TOPIC, p))
+        assert lane == "0" * lane.count("0") + "1" * lane.count("1"), lane
+    assert {model_of(f) for f in sink.topic} == {"0", "1"}
+    for cycle in cycles_of(sink):
+        assert len({model_of(f) for f in cycle}) == 1
+
+
+def test_a_stop_publishes_the_outcomes_of_both_models() -> None:
+    n = 8
+    source = FakeSource({0: [task_value("v", i) for i in range(n)]})
+    sink = FakeTransactionalSink(source)
+    models = SwappingModels()
+
+    def maybe_switch() -> None:
+        if source.polls == 3:
+            models.switch()
+            source.log[(TOPIC, 0)].extend(task_value("v", i) for i in range(n, 2 * n))
+
+    source.on_poll = maybe_switch
+    cfg = config(max_in_flight=64, max_poll_records=64, commit_interval_s=60.0)
+    pipeline = swapping_pipeline(source, sink, cfg, models)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(pipeline.run())
+        while source.position[(TOPIC, 0)] < 2 * n:
+            await asyncio.sleep(0.001)
+        pipeline.stop()  # all consumed, nothing published yet: the drain publishes both models
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(scenario())
+    assert published(sink) == {(TOPIC, 0): list(range(2 * n))}
+    assert [len(c) for c in cycles_of(sink)] == [n, n]

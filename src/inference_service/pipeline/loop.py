@@ -25,6 +25,8 @@
   record. Consumption then backs off.
 * **A revoked partition**'s work is dropped and never published; the new owner starts at the
   committed offset.
+* **A model swap**: a cycle holds the outcomes of one model only (each outcome names its model's
+  sha256); the finished outcomes of the next model wait for the next cycle.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from inference_service.domain import Finished, Partition, Record
+from inference_service.domain import Finished, Outcome, Partition, Record
 from inference_service.errors import ConfigError
 from inference_service.metrics import Metrics
 from inference_service.pipeline.ordering import InFlight
@@ -73,6 +75,11 @@ class PipelineConfig:
             commit_interval_s=settings.commit_interval_ms / 1000.0,
             shutdown_timeout_s=settings.shutdown_timeout_s,
         )
+
+
+def _model_of(outcome: Outcome) -> str:
+    """What outcomes of one commit cycle share: the sha256 of the model that produced them."""
+    return outcome.model_sha256
 
 
 def rewind_positions(
@@ -175,7 +182,9 @@ class Pipeline:
             "stopping: finishing %d in-flight tasks (up to %.0f s)", self._inflight.count, timeout
         )
         finished = await self._inflight.wait_all(timeout)
-        await self._publish_finished()
+        # One cycle per model: outcomes of a model swapped in meanwhile take further cycles.
+        while await self._publish_finished():
+            pass
         if not finished or self._inflight.count:
             dropped = self._inflight.drop()
             log.warning(
@@ -211,12 +220,11 @@ class Pipeline:
             await asyncio.sleep(0.005)
 
     # ------------------------------------------------------------------ outcomes out
-    async def _publish_finished(self) -> None:
-        finished = [
-            f
-            for f in self._inflight.take_finished(skip=self._unsettled)
-            if f.partition in self._assigned
-        ]
+    async def _publish_finished(self) -> int:
+        """Publish one commit cycle: the finished outcomes of one model (a cycle never mixes the
+        results of two, see :meth:`InFlight.take_finished`). Returns how many were taken."""
+        taken = self._inflight.take_finished(skip=self._unsettled, same=_model_of)
+        finished = [f for f in taken if f.partition in self._assigned]
         try:
             outcome = await self._sink.publish(finished)
         except ConfigError:
@@ -232,13 +240,14 @@ class Pipeline:
         self._count(outcome.published)
         if not outcome.failed:
             self._failures = 0
-            return
+            return len(taken)
         await self._hold(outcome.rewind)
         # The broker is unwell: back off before consuming again (the rewound records wait).
         delay = self._backoff.delay(self._failures)
         self._failures += 1
         log.warning("pausing %.1f s before consuming again", delay)
         await asyncio.sleep(delay)
+        return len(taken)
 
     async def _hold(self, first: dict[Partition, int]) -> None:
         """Hold ``first``'s partitions (those still assigned) until :meth:`_settle` has sought

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from inference_service.domain import Finished, Outcome, Partition
@@ -65,18 +65,35 @@ class InFlight:
                 total += 1
         return total
 
-    def take_finished(self, skip: Collection[Partition] = ()) -> list[Finished]:
+    def take_finished(
+        self,
+        skip: Collection[Partition] = (),
+        same: Callable[[Outcome], object] | None = None,
+    ) -> list[Finished]:
         """Remove and return the finished prefix of every lane but ``skip``'s, in order within
-        each lane."""
+        each lane.
+
+        ``same``: what every outcome taken by one call shares (the model that produced it); each
+        lane's prefix then stops at its first outcome that differs from the first one taken, and
+        the rest waits for the next call.
+        """
         out: list[Finished] = []
+        first: list[object] = []  # the shared value, once the first outcome is taken
         for partition, lane in self._lanes.items():
             if partition in skip:
                 continue
             while lane and lane[0].work.done():
+                outcome = lane[0].work.result()
+                if same is not None:
+                    value = same(outcome)
+                    if not first:
+                        first.append(value)
+                    elif value != first[0]:
+                        break
                 slot = lane.popleft()
                 self._count -= 1
                 self._bytes -= slot.nbytes
-                out.append(Finished(partition, slot.offset, slot.work.result()))
+                out.append(Finished(partition, slot.offset, outcome))
         return out
 
     def drop(self, partitions: list[Partition] | None = None) -> dict[Partition, int]:

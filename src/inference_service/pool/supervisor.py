@@ -323,7 +323,15 @@ class DetectorPool:
         return self._info
 
     def ready(self) -> bool:
-        return self._started and not self._stopped and self._all_ready.is_set()
+        """True once every worker was ready together (the start), and then while at least one
+        worker can take frames: a worker being replaced (or respawned after a crash) does not
+        make a pool whose other workers serve unready."""
+        if not self._started or self._stopped or self._closing.is_set():
+            return False
+        if not self._ever_ready:
+            return self._all_ready.is_set()
+        with self._lock:
+            return any(w.ready for w in self._workers)
 
     async def detect(
         self, data: bytes, *, priority: Priority = Priority.PIPELINE
