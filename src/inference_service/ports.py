@@ -94,7 +94,8 @@ class AsyncDetector(Protocol):
         ...
 
     def ready(self) -> bool:
-        """True once every worker has loaded and warmed its model."""
+        """True while the detector can take frames: every worker ready at start, then at least one
+        of the serving pool's (a replacement that loads does not make it unready)."""
         ...
 
 
