@@ -80,8 +80,8 @@ class FakeBucket:
         if key not in self.objects:
             raise RemoteMissingError(key)
         data = self.objects[key]
-        if key in self.corrupt_in_transfer:
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        if key in self.corrupt_in_transfer:  # a different byte each time, as noise would be
+            data = bytes([data[0] ^ (self.calls["get"] % 255 + 1)]) + data[1:]
         dest.write_bytes(data)
         return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
@@ -312,6 +312,16 @@ def test_a_download_that_does_not_match_its_etag_is_refused(tmp_path: Path) -> N
         fetch(settings, parse_s3_uri("s3://models/m.onnx"), bucket)
     root = location_root(settings.cache_path(), parse_s3_uri("s3://models/m.onnx"))
     assert [p for p in root.iterdir() if p.is_dir()] == [], "nothing half-done is left"
+
+
+def test_an_etag_that_is_not_the_md5_is_taken_when_two_downloads_agree(tmp_path: Path) -> None:
+    """SSE-KMS and SSE-C objects have single-part ETags that are not their content's MD5."""
+    bucket = FakeBucket()
+    bucket.put("m.onnx", b"model bytes", etag="0123456789abcdef0123456789abcdef")
+    settings = _settings("s3://models/m.onnx", tmp_path)
+    fetched = fetch(settings, parse_s3_uri("s3://models/m.onnx"), bucket)
+    assert fetched.path.read_bytes() == b"model bytes"
+    assert bucket.calls["get"] == 2
 
 
 def test_missing_and_denied_objects_name_bucket_key_and_credentials(tmp_path: Path) -> None:

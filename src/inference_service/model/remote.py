@@ -398,10 +398,21 @@ def _get(location: S3Location, reader: ObjectReader, info: ObjectInfo, dest: Pat
             f"{info.size}: the object changed while downloading; start again"
         )
     if _PLAIN_MD5.match(info.etag) and md5 != info.etag:
-        raise ModelError(
-            f"{env_name('model')}={location.uri}: {uri}: MD5 {md5} of the download does not "
-            f"match its ETag {info.etag}: corrupted in transfer or changed; start again"
-        )
+        # With SSE-KMS or SSE-C encryption a single-part ETag is not the content's MD5: two
+        # downloads that agree are taken as the object (directories are verified against their
+        # manifest's sha256 afterwards as well).
+        again = reader.download(info.key, dest)
+        if again != md5:
+            raise ModelError(
+                f"{env_name('model')}={location.uri}: {uri}: MD5 {md5} of the download does not "
+                f"match its ETag {info.etag}, and a second download differs ({again}): "
+                "corrupted in transfer or changed; start again"
+            )
+        log.warning(
+            "%s: its ETag %s is not the MD5 of its content (%s; e.g. SSE-KMS or SSE-C "
+            "encryption): two downloads agree, using it",
+            uri, info.etag, md5,
+        )  # fmt: skip
 
 
 def _prune(root: Path, *, keep: Path) -> None:

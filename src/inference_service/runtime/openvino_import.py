@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -30,13 +31,18 @@ def telemetry_off() -> Iterator[None]:
             os.environ["CI"] = previous
 
 
+_IMPORT_LOCK = threading.Lock()
+"""Two threads importing it first must not interleave the save and restore of ``CI``."""
+
+
 def import_openvino() -> ModuleType:
     """The ``openvino`` module, its first import made with telemetry off."""
-    module = sys.modules.get("openvino")
-    if module is not None:
-        return module
-    with telemetry_off():
-        import openvino
+    with _IMPORT_LOCK:
+        module = sys.modules.get("openvino")
+        if module is not None:
+            return module
+        with telemetry_off():
+            import openvino
 
-    loaded: ModuleType = openvino
-    return loaded
+        loaded: ModuleType = openvino
+        return loaded

@@ -5,8 +5,9 @@ librdkafka resets the generation to -1 when the coordinator answers ``ILLEGAL_GE
 member id to ``""`` on ``UNKNOWN_MEMBER_ID``, and keeps them so until the application has served
 the loss of its partitions and the consumer has rejoined. The group coordinator checks a
 ``TxnOffsetCommit``'s member and generation only where they are set: generation -1 with no member
-id is what a producer outside any consumer group sends, and it is accepted for an empty group
-(which is what a group is after every session expired, e.g. behind a frozen broker). Offsets sent
+id is what a producer outside any consumer group sends, and the broker accepts it (Kafka 4.1.1,
+``tests/integration/test_zombie_commit.py``) even while another member owns the partitions, e.g.
+after every session expired behind a frozen broker and the group formed again. Offsets sent
 with such metadata would commit partitions that another member has already started again from the
 previous commit: two copies of the same results that a ``read_committed`` reader sees, and that
 the fencing of KIP-447 cannot catch because nothing identifies the sender as stale.

@@ -250,7 +250,12 @@ class TransactionalSink:
             return Published(rewind=first)
         if self._abandoned is not None and self._abandoned[1].done:
             self._release_abandoned()
-        group_metadata = self._source.consumer.consumer_group_metadata()
+        try:
+            group_metadata = self._source.consumer.consumer_group_metadata()
+        except KafkaException as exc:
+            self._metrics.transactions.labels("failed").inc()
+            log.warning("no group metadata (%s); rewinding", exc)
+            return Published(rewind=first)
         if not self._member(group_metadata):
             self._metrics.transactions.labels("failed").inc()
             log.warning(
