@@ -419,8 +419,12 @@ class Kafka(Server):
         self.properties.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         cluster_file = self.home / "cluster.id"
         if not cluster_file.exists():
-            # Kafka's cluster ids are 16 random bytes in URL-safe base64 without padding.
-            cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            # Kafka's cluster ids are 16 random bytes in URL-safe base64 without padding; like
+            # Kafka's own Uuid.randomUuid, never one that starts with "-", which kafka-storage's
+            # argument parser would take for an option (1 start in 64 failed that way).
+            cid = "-"
+            while cid.startswith("-"):
+                cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             cluster_file.write_text(cid + "\n")
         cluster_id = cluster_file.read_text().strip()
         fmt = [
