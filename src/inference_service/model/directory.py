@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import logging
 import math
 import os
@@ -38,7 +37,7 @@ from inference_service.model.manifest import (
     describe_files,
     file_sha256,
 )
-from inference_service.model.metadata import ModelMetadata, read_onnx_metadata
+from inference_service.model.metadata import ModelMetadata, read_onnx_metadata, write_ir_metadata
 from inference_service.model.quantize import INT8_NAME, RECIPE, REPORT_NAME, quantize
 
 if TYPE_CHECKING:
@@ -113,7 +112,7 @@ def export_directory(
         step("converting ONNX to OpenVINO IR (fp32)")
         (tmp / OPENVINO_DIR).mkdir()
         onnx_to_openvino(onnx, tmp / OPENVINO_DIR)
-        _write_ir_metadata(tmp / OPENVINO_DIR, meta)
+        _ir_metadata(tmp / OPENVINO_DIR, meta)
         ir = f"{OPENVINO_DIR}/{OPENVINO_NAME}"
         runtimes["openvino"] = {"fp32": ir, "bf16": ir}
 
@@ -136,7 +135,7 @@ def export_directory(
                 settings, meta.imgsz, meta.stride, dynamic=meta.dynamic, located=located
             )
             report = quantize(tmp / OPENVINO_DIR / OPENVINO_NAME, calibration, tmp / INT8_DIR)
-            _write_ir_metadata(tmp / INT8_DIR, meta)
+            _ir_metadata(tmp / INT8_DIR, meta)
             runtimes["openvino"]["int8"] = f"{INT8_DIR}/{INT8_NAME}"
             tools += _TOOLS["int8"]
             extra["int8"] = {
@@ -212,18 +211,6 @@ def _with_imgsz(meta: ModelMetadata, imgsz: int | None, source: Path) -> ModelMe
     return dataclasses.replace(meta, imgsz=(side, side))
 
 
-def _write_ir_metadata(directory: Path, meta: ModelMetadata) -> None:
-    """``metadata.yaml`` beside an IR, as ultralytics writes it (JSON is YAML), so that the IR's
-    folder is also a model of its own."""
-    body = {
-        "task": meta.task,
-        "names": dict(enumerate(meta.names)),
-        "imgsz": list(meta.imgsz),
-        "stride": meta.stride,
-    }
-    (directory / "metadata.yaml").write_text(json.dumps(body, indent=2) + "\n")
-
-
 def _versions(names: Sequence[str]) -> dict[str, str]:
     """Installed version of each distribution (read from its metadata: nothing is imported)."""
     out: dict[str, str] = {}
@@ -233,3 +220,8 @@ def _versions(names: Sequence[str]) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return out
+
+
+def _ir_metadata(directory: Path, meta: ModelMetadata) -> None:
+    write_ir_metadata(directory, task=meta.task, names=meta.names, imgsz=meta.imgsz,
+                      stride=meta.stride)  # fmt: skip

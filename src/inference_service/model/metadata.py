@@ -87,6 +87,15 @@ def read_onnx_metadata(path: Path) -> ModelMetadata:
     return _check(path, parsed, in_shape, out_shape)
 
 
+def write_ir_metadata(
+    directory: Path, *, task: str, names: tuple[str, ...], imgsz: tuple[int, int], stride: int
+) -> None:
+    """``metadata.yaml`` beside an IR, as ultralytics writes it (JSON is YAML), so that the IR's
+    folder is a model of its own (:func:`read_openvino_metadata` reads it back)."""
+    body = {"task": task, "names": dict(enumerate(names)), "imgsz": list(imgsz), "stride": stride}
+    (directory / "metadata.yaml").write_text(json.dumps(body, indent=2) + "\n")
+
+
 def read_openvino_metadata(xml: Path) -> ModelMetadata:
     """Metadata of an ultralytics OpenVINO IR (``metadata.yaml`` beside it, else its rt_info)."""
     ov = import_openvino()

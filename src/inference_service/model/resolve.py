@@ -62,6 +62,7 @@ from inference_service.model.metadata import (
     ModelMetadata,
     read_onnx_metadata,
     read_openvino_metadata,
+    write_ir_metadata,
 )
 from inference_service.model.quantize import RECIPE, REPORT_NAME, quantize
 from inference_service.model.remote import cached_copy, fetch, open_reader
@@ -342,7 +343,13 @@ def _with_int8(model: ResolvedModel, settings: Settings) -> ResolvedModel:
                         settings, model.imgsz, model.stride, dynamic=model.dynamic, located=located
                     )
                     report = quantize(source, calibration, tmp)
-                    _write_ir_metadata(tmp, model)
+                    write_ir_metadata(
+                        tmp,
+                        task=model.task,
+                        names=model.names,
+                        imgsz=model.imgsz,
+                        stride=model.stride,
+                    )
                     shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry of a crash
                     tmp.rename(entry)
                 finally:
@@ -355,18 +362,6 @@ def _with_int8(model: ResolvedModel, settings: Settings) -> ResolvedModel:
                 )
     log.info("int8: %s (key %s) from cache %s", model.source.name, key, entry)
     return dataclasses.replace(model, int8_dir=entry.resolve())
-
-
-def _write_ir_metadata(directory: Path, model: ResolvedModel) -> None:
-    """``metadata.yaml`` beside an IR, as ultralytics writes it (JSON is YAML), so that the
-    directory is a model of its own (``INFERENCE_MODEL`` may name the int8 directory)."""
-    meta = {
-        "task": model.task,
-        "names": dict(enumerate(model.names)),
-        "imgsz": list(model.imgsz),
-        "stride": model.stride,
-    }
-    (directory / "metadata.yaml").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _convert(source: Path, entry: Path, cache: Path) -> None:
